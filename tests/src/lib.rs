@@ -1,1 +1,148 @@
+//! Shared helpers for spinbox's integration tests: where the guest image is, a config that
+//! points at it, and the leak check every test ends with.
+//!
+//! The guest (kernel + initrd) is built by `make guest`; tests find it in `$SPINBOX_GUEST_DIR`
+//! (default `<workspace>/build/guest`). `make test` sets `SPINBOX_REQUIRE_VM=1`, which turns a
+//! missing guest or binary into a failure instead of a skip.
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use spinbox_config::Config;
+
+/// The guest image directory, or `None` (after saying why) when VM tests must skip.
+pub fn guest_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("SPINBOX_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"));
+    let missing: Vec<String> = ["vmlinuz", "initrd.img"]
+        .iter()
+        .filter(|f| !dir.join(f).is_file())
+        .map(|f| dir.join(f).display().to_string())
+        .collect();
+    let tools: Vec<&str> = ["qemu-system-x86_64", "vhost-device-vsock"]
+        .into_iter()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if missing.is_empty() && tools.is_empty() {
+        return Some(dir);
+    }
+    let why = format!(
+        "guest image or tools missing (run `make guest`): files {missing:?}, binaries {tools:?}"
+    );
+    if std::env::var_os("SPINBOX_REQUIRE_VM").is_some() {
+        panic!("{why}");
+    }
+    eprintln!("skipped: {why}");
+    None
+}
+
+/// Looks a program up on `$PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A config for tests: the built guest, binaries from `$PATH`, state and logs under `root`,
+/// TCG (these machines have no KVM; `auto` would pick the same) and vhost-user vsock.
+pub fn test_config(guest: &Path, root: &Path) -> Config {
+    let mut c = Config::default();
+    c.paths.kernel = guest.join("vmlinuz");
+    c.paths.initrd = guest.join("initrd.img");
+    c.paths.state_dir = root.join("state");
+    c.paths.log_dir = root.join("log");
+    if let Some(q) = which("qemu-system-x86_64") {
+        c.paths.qemu = q;
+    }
+    if let Some(v) = which("vhost-device-vsock") {
+        c.paths.vhost_device_vsock = v;
+    }
+    c.vm.accel = spinbox_config::Accel::Auto;
+    c.vm.vsock = spinbox_config::VsockMode::Auto;
+    c
+}
+
+/// Processes whose command line mentions `needle` (a test's private state root).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    let me = std::process::id().to_string();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            // Zombies keep no cmdline, so anything here is really running.
+            found.push(format!("{name}: {}", cmd.trim()));
+        }
+    }
+    found
+}
+
+/// Open fds of this process, by target.
+pub fn open_fds() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+        for e in entries.flatten() {
+            if let Ok(target) = std::fs::read_link(e.path()) {
+                out.insert(format!("{}", target.display()));
+            }
+        }
+    }
+    out
+}
+
+/// Asserts that nothing a VM test created under `root` survives: no process mentioning it, no
+/// state directory entry, no console log.
+pub fn assert_no_leaks(root: &Path) {
+    let needle = root.display().to_string();
+    let procs = processes_mentioning(&needle);
+    assert!(procs.is_empty(), "processes left behind: {procs:#?}");
+    for sub in ["state", "log"] {
+        let d = root.join(sub);
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            assert!(left.is_empty(), "files left in {}: {left:?}", d.display());
+        }
+    }
+    let fds: Vec<String> = open_fds()
+        .into_iter()
+        .filter(|f| f.contains(&needle))
+        .collect();
+    assert!(fds.is_empty(), "fds still open on test files: {fds:?}");
+}
+
+/// VM tests take this lock: they run one at a time (two cores boot one TCG guest fastest) and
+/// the fd accounting of one test is not disturbed by another's.
+pub static VM_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Counts this process's open fds, after making sure the runtime's lazily created process
+/// and signal machinery already exists (it stays for the process's life and is not a leak).
+pub async fn settled_fd_count() -> usize {
+    let _ = tokio::process::Command::new("true").status().await;
+    open_fd_list().len()
+}
+
+/// This process's fds as "fd -> target" lines.
+pub fn open_fd_list() -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+        for e in entries.flatten() {
+            let target = std::fs::read_link(e.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            out.push(format!("{} -> {target}", e.file_name().to_string_lossy()));
+        }
+    }
+    out
+}

@@ -2,7 +2,15 @@
 //!
 //! Both sides depend on this crate, so the wire types can never drift apart.
 
-#![allow(clippy::all, non_upper_case_globals, non_camel_case_types, non_snake_case, unused_imports, unused_results, unused_mut)]
+#![allow(
+    clippy::all,
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    unused_imports,
+    unused_results,
+    unused_mut
+)]
 
 /// Protobuf messages of `spinbox.agent.v1`.
 pub mod agent {

@@ -1,1 +1,406 @@
+//! spinbox configuration.
+//!
+//! One JSON file, `/etc/spinbox/config.json` unless `$SPINBOX_CONFIG` names another. Every key is
+//! optional (the defaults below apply), unknown keys are errors, and every error names the key
+//! that was wrong (`timeouts.vm_start: "10q": unknown unit ...`).
+//!
+//! Where each key is read:
+//! - `paths.*`, `vm.*`: `spinbox-vmm` (QEMU command line, vsock transport, state and log files).
+//! - `timeouts.vm_start`, `timeouts.task_client_retry`: the agent readiness wait in `spinbox-vmm`.
+//! - `timeouts.device_detection`: waiting for the vhost-user vsock backend's socket.
+//! - `timeouts.qmp_command`: every QMP command's reply wait.
+//! - `timeouts.shutdown_grace`: each graceful step of the VM shutdown ladder.
+//! - `timeouts.io_wait`, `timeouts.event_reconnect`: the shim's stdio drain and event publisher.
 
+pub mod duration;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming an alternative config file.
+pub const CONFIG_ENV: &str = "SPINBOX_CONFIG";
+/// Where the installed config lives.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/spinbox/config.json";
+
+/// A config error: which file, which key, what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub paths: Paths,
+    pub vm: VmDefaults,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paths {
+    /// The QEMU system emulator binary.
+    pub qemu: PathBuf,
+    /// Guest kernel (bzImage).
+    pub kernel: PathBuf,
+    /// Guest initrd whose `/init` is spinbox-agent.
+    pub initrd: PathBuf,
+    /// Per-VM runtime state: sockets, the state record. Created owner-only.
+    pub state_dir: PathBuf,
+    /// Per-VM console logs while the VM runs.
+    pub log_dir: PathBuf,
+    /// The vhost-user vsock backend, used where the host has no `/dev/vhost-vsock`.
+    pub vhost_device_vsock: PathBuf,
+    /// Optional firmware for QEMU's `-bios`; empty means QEMU's default.
+    pub firmware: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when `/dev/kvm` opens and the CPU has vmx or svm, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VsockMode {
+    /// Kernel vhost-vsock when `/dev/vhost-vsock` exists, else vhost-user.
+    Auto,
+    /// Kernel `vhost-vsock-pci`, AF_VSOCK on the host.
+    Vhost,
+    /// `vhost-user-vsock-pci` backed by a vhost-device-vsock process, hybrid vsock on the host.
+    VhostUser,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmDefaults {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub accel: Accel,
+    pub vsock: VsockMode,
+    /// The vsock port the agent serves on.
+    pub agent_port: u32,
+    /// Extra guest kernel command-line arguments, appended last.
+    pub kernel_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// From QEMU spawn until the agent answers its health RPC.
+    #[serde(with = "duration")]
+    pub vm_start: Duration,
+    /// Waiting for a device or its backend to appear (the vhost-user vsock socket).
+    #[serde(with = "duration")]
+    pub device_detection: Duration,
+    /// How long each graceful shutdown step may take before the next escalation.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Delay before the shim reconnects its event publisher to containerd.
+    #[serde(with = "duration")]
+    pub event_reconnect: Duration,
+    /// Pause between attempts to reach the agent (task client) while it is not up yet.
+    #[serde(with = "duration")]
+    pub task_client_retry: Duration,
+    /// How long stdio may keep draining after the process exited.
+    #[serde(with = "duration")]
+    pub io_wait: Duration,
+    /// Reply wait for every QMP command.
+    #[serde(with = "duration")]
+    pub qmp_command: Duration,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            kernel: "/usr/share/spinbox/vmlinuz".into(),
+            initrd: "/usr/share/spinbox/initrd.img".into(),
+            state_dir: "/run/spinbox".into(),
+            log_dir: "/var/log/spinbox".into(),
+            vhost_device_vsock: "/usr/local/bin/vhost-device-vsock".into(),
+            firmware: None,
+        }
+    }
+}
+
+impl Default for VmDefaults {
+    fn default() -> Self {
+        VmDefaults {
+            vcpus: 1,
+            memory_mib: 512,
+            accel: Accel::Auto,
+            vsock: VsockMode::Auto,
+            agent_port: 1024,
+            kernel_args: Vec::new(),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            vm_start: Duration::from_secs(20),
+            device_detection: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(3),
+            event_reconnect: Duration::from_secs(2),
+            task_client_retry: Duration::from_millis(50),
+            io_wait: Duration::from_secs(5),
+            qmp_command: Duration::from_secs(3),
+        }
+    }
+}
+
+
+impl Config {
+    /// Loads `$SPINBOX_CONFIG` if set (it must exist), else `/etc/spinbox/config.json` if it
+    /// exists, else the built-in defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        match std::env::var_os(CONFIG_ENV) {
+            Some(path) if !path.is_empty() => Config::from_file(Path::new(&path)),
+            _ => {
+                let path = Path::new(DEFAULT_CONFIG_PATH);
+                if path.exists() {
+                    Config::from_file(path)
+                } else {
+                    Ok(Config::default())
+                }
+            }
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the source in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError::Invalid {
+                origin: origin.to_owned(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: strip_position(&inner.to_string()),
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                key: key.to_owned(),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let vm = &self.vm;
+        if vm.vcpus == 0 || vm.vcpus > 255 {
+            return Err(("vm.vcpus", format!("{} is out of range 1..=255", vm.vcpus)));
+        }
+        if vm.memory_mib < 64 {
+            return Err((
+                "vm.memory_mib",
+                format!("{} MiB is below the 64 MiB a guest needs", vm.memory_mib),
+            ));
+        }
+        if vm.agent_port == 0 || vm.agent_port == u32::MAX {
+            return Err((
+                "vm.agent_port",
+                format!("{} is not a usable vsock port", vm.agent_port),
+            ));
+        }
+        for arg in &vm.kernel_args {
+            if arg.is_empty() || arg.chars().any(char::is_whitespace) {
+                return Err((
+                    "vm.kernel_args",
+                    format!("{arg:?}: each entry must be one non-empty word without spaces"),
+                ));
+            }
+        }
+        let t = &self.timeouts;
+        for (key, value) in [
+            ("timeouts.vm_start", t.vm_start),
+            ("timeouts.device_detection", t.device_detection),
+            ("timeouts.shutdown_grace", t.shutdown_grace),
+            ("timeouts.event_reconnect", t.event_reconnect),
+            ("timeouts.task_client_retry", t.task_client_retry),
+            ("timeouts.io_wait", t.io_wait),
+            ("timeouts.qmp_command", t.qmp_command),
+        ] {
+            if value.is_zero() {
+                return Err((key, "must be greater than zero".into()));
+            }
+        }
+        let p = &self.paths;
+        for (key, value) in [
+            ("paths.qemu", &p.qemu),
+            ("paths.kernel", &p.kernel),
+            ("paths.initrd", &p.initrd),
+            ("paths.state_dir", &p.state_dir),
+            ("paths.log_dir", &p.log_dir),
+            ("paths.vhost_device_vsock", &p.vhost_device_vsock),
+        ] {
+            if !value.is_absolute() {
+                return Err((key, format!("{} is not an absolute path", value.display())));
+            }
+        }
+        if let Some(fw) = &p.firmware {
+            if !fw.is_absolute() {
+                return Err((
+                    "paths.firmware",
+                    format!("{} is not an absolute path", fw.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The config as pretty JSON, in the shape `from_json` reads.
+    pub fn to_json_pretty(&self) -> String {
+        // Serializing plain structs of strings, numbers and paths cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// serde_json appends " at line L column C"; the key path says more, keep the message short.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        Config::from_json(json, "test.json")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn empty_object_gives_defaults() {
+        assert_eq!(Config::from_json("{}", "t").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn shipped_config_parses_and_matches_defaults() {
+        let text = include_str!("../../../config/config.json");
+        let config = Config::from_json(text, "config/config.json").unwrap();
+        assert_eq!(
+            config,
+            Config::default(),
+            "config/config.json drifted from the defaults"
+        );
+    }
+
+    #[test]
+    fn partial_config_overrides_only_named_keys() {
+        let c = Config::from_json(
+            r#"{"vm": {"vcpus": 2, "accel": "tcg"}, "timeouts": {"vm_start": "3s"}}"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.vm.vcpus, 2);
+        assert_eq!(c.vm.accel, Accel::Tcg);
+        assert_eq!(c.vm.memory_mib, VmDefaults::default().memory_mib);
+        assert_eq!(c.timeouts.vm_start, Duration::from_secs(3));
+        assert_eq!(c.timeouts.qmp_command, Timeouts::default().qmp_command);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let e = err(r#"{"timeouts": {"vm_strat": "3s"}}"#);
+        assert!(e.contains("timeouts.vm_strat"), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+        let e = err(r#"{"netwrok": {}}"#);
+        assert!(e.contains("netwrok"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_reason() {
+        let e = err(r#"{"timeouts": {"shutdown_grace": "5 parsecs"}}"#);
+        assert!(e.contains("timeouts.shutdown_grace"), "{e}");
+        assert!(e.contains("unknown unit"), "{e}");
+        let e = err(r#"{"timeouts": {"qmp_command": 5}}"#);
+        assert!(e.contains("timeouts.qmp_command"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_and_ranges_name_key() {
+        let e = err(r#"{"vm": {"accel": "hvf"}}"#);
+        assert!(e.contains("vm.accel"), "{e}");
+        let e = err(r#"{"vm": {"vsock": "tcp"}}"#);
+        assert!(e.contains("vm.vsock"), "{e}");
+        let e = err(r#"{"vm": {"vcpus": 0}}"#);
+        assert!(e.contains("vm.vcpus"), "{e}");
+        let e = err(r#"{"vm": {"memory_mib": 16}}"#);
+        assert!(e.contains("vm.memory_mib"), "{e}");
+        let e = err(r#"{"timeouts": {"io_wait": "0s"}}"#);
+        assert!(
+            e.contains("timeouts.io_wait") && e.contains("greater than zero"),
+            "{e}"
+        );
+        let e = err(r#"{"paths": {"kernel": "vmlinuz"}}"#);
+        assert!(e.contains("paths.kernel") && e.contains("absolute"), "{e}");
+        let e = err(r#"{"vm": {"kernel_args": ["a b"]}}"#);
+        assert!(e.contains("vm.kernel_args"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_says_where() {
+        let e = err(r#"{"vm": {"vcpus": }"#);
+        assert!(e.contains("test.json"), "{e}");
+    }
+
+    #[test]
+    fn env_var_selects_file_and_missing_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, r#"{"vm": {"memory_mib": 256}}"#).unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!(c.vm.memory_mib, 256);
+        let missing = dir.path().join("nope.json");
+        let e = Config::from_file(&missing).unwrap_err().to_string();
+        assert!(e.contains("nope.json"), "{e}");
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let mut c = Config::default();
+        c.timeouts.shutdown_grace = Duration::from_millis(1500);
+        c.vm.vsock = VsockMode::VhostUser;
+        let back = Config::from_json(&c.to_json_pretty(), "t").unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,1 +1,19 @@
+//! QEMU microVM control for spinbox.
+//!
+//! - [`cmdline`]: the QEMU command line, one typed value per option.
+//! - [`accel`]: KVM or TCG, kernel vhost-vsock or vhost-user, from what the host offers.
+//! - [`qmp`]: an async QMP client.
+//! - [`vsock`]: reaching the agent (AF_VSOCK or hybrid vsock over vhost-device-vsock).
+//! - [`process`]: spawning children with a parent-death signal; pid + start-time identity.
+//! - [`state`]: the per-VM state directory and record, and reclaiming orphans.
+//! - [`vm`]: one VM's start (with rollback), readiness and shutdown ladder.
 
+pub mod accel;
+pub mod cmdline;
+pub mod process;
+pub mod qmp;
+pub mod state;
+pub mod vm;
+pub mod vsock;
+
+pub use vm::{BootInfo, ShutdownEvent, ShutdownReport, ShutdownStep, Vm, VmError};

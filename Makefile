@@ -1,0 +1,77 @@
+# spinbox — build, test, demo and install.
+#
+#   make demo     install what is missing, build, boot a microVM and talk to its agent
+#   make test     install what is missing, build the guest, run every test
+#   make install  put binaries, guest image and default config in place
+#
+# Variables: PREFIX (/usr/local), SHAREDIR (/usr/share/spinbox), CONFDIR (/etc/spinbox).
+
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+PREFIX   ?= /usr/local
+SHAREDIR ?= /usr/share/spinbox
+CONFDIR  ?= /etc/spinbox
+BUILD    := build
+GUEST    := $(BUILD)/guest
+TARGET   := x86_64-unknown-linux-gnu
+# The agent is built in its own target dir: static linking flags must not touch host builds.
+AGENT_TARGET_DIR := target/guest
+AGENT    := $(AGENT_TARGET_DIR)/$(TARGET)/release/spinbox-agent
+# Two cores: one VM-booting test at a time is what the tests enforce; threads for the rest.
+TEST_THREADS ?= 2
+
+.PHONY: all deps build agent guest test unit lint demo install minimal-kernel clean
+
+all: build guest
+
+deps:
+	@bash deploy/install-deps.sh
+
+build:
+	cargo build --release --workspace --exclude spinbox-agent
+
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$(AGENT_TARGET_DIR) \
+	  cargo build --release --target $(TARGET) -p spinbox-agent
+
+$(GUEST)/vmlinuz:
+	bash kernel/fetch-debian-kernel.sh $(GUEST)
+
+guest: agent $(GUEST)/vmlinuz
+	bash kernel/fetch-debian-kernel.sh $(GUEST)
+	bash kernel/build-initrd.sh $(AGENT) $(GUEST) $(GUEST)/initrd.img
+
+unit:
+	cargo test --workspace --exclude spinbox-tests
+
+test: deps guest
+	SPINBOX_REQUIRE_VM=1 SPINBOX_GUEST_DIR=$(CURDIR)/$(GUEST) \
+	  cargo test --workspace -- --test-threads=$(TEST_THREADS)
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+demo: deps build guest
+	@bash deploy/demo.sh
+
+install: build guest
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(CONFDIR)
+	install -m 0755 target/release/spinbox $(DESTDIR)$(PREFIX)/bin/spinbox
+	install -m 0644 $(GUEST)/vmlinuz $(DESTDIR)$(SHAREDIR)/vmlinuz
+	install -m 0644 $(GUEST)/initrd.img $(DESTDIR)$(SHAREDIR)/initrd.img
+	@if command -v vhost-device-vsock >/dev/null && [ ! -e $(DESTDIR)$(PREFIX)/bin/vhost-device-vsock ]; then \
+	  install -m 0755 "$$(command -v vhost-device-vsock)" $(DESTDIR)$(PREFIX)/bin/vhost-device-vsock; fi
+	@# Never overwrite a config an operator changed; drop the new default beside it.
+	@if [ -e $(DESTDIR)$(CONFDIR)/config.json ] && ! cmp -s config/config.json $(DESTDIR)$(CONFDIR)/config.json; then \
+	  install -m 0644 config/config.json $(DESTDIR)$(CONFDIR)/config.json.default; \
+	  echo "kept $(CONFDIR)/config.json; the shipped default is at $(CONFDIR)/config.json.default"; \
+	else install -m 0644 config/config.json $(DESTDIR)$(CONFDIR)/config.json; fi
+
+minimal-kernel:
+	bash kernel/build-minimal-kernel.sh $(BUILD)/minimal-kernel
+
+clean:
+	cargo clean
+	rm -rf $(BUILD)

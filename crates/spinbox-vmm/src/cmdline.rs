@@ -1,0 +1,451 @@
+//! The QEMU command line, one typed value per option or device.
+//!
+//! Every piece implements [`QemuArg`]; [`QemuCommandLine`] collects them in order. Nothing here
+//! touches a shell: the result is an argument vector for `execve`. Values that end up inside
+//! QEMU's `key=value,...` option syntax are escaped (`,` doubles), so a path cannot inject an
+//! option.
+
+use std::path::{Path, PathBuf};
+
+/// One QEMU option (or a group of options that only make sense together).
+pub trait QemuArg {
+    fn to_args(&self) -> Vec<String>;
+}
+
+/// Escapes a value for QEMU's option syntax, where `,` separates keys.
+pub fn escape_opt(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path_opt(p: &Path) -> String {
+    escape_opt(&p.to_string_lossy())
+}
+
+/// Resolved accelerator (what `auto` became).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelKind {
+    Kvm,
+    Tcg,
+}
+
+impl AccelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccelKind::Kvm => "kvm",
+            AccelKind::Tcg => "tcg",
+        }
+    }
+}
+
+/// `-machine q35,...` plus `-accel`. The guest RAM comes from the named memory backend.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub accel: AccelKind,
+    pub memory_backend: String,
+}
+
+impl QemuArg for Machine {
+    fn to_args(&self) -> Vec<String> {
+        let accel = match self.accel {
+            AccelKind::Kvm => "kvm".to_owned(),
+            // Multi-threaded TCG: one host thread per vCPU.
+            AccelKind::Tcg => "tcg,thread=multi".to_owned(),
+        };
+        vec![
+            "-machine".into(),
+            format!(
+                "q35,memory-backend={},vmport=off,sata=off,smbus=off,usb=off,graphics=off",
+                escape_opt(&self.memory_backend)
+            ),
+            "-accel".into(),
+            accel,
+        ]
+    }
+}
+
+/// `-cpu`: the host's CPU under KVM, the richest model under TCG.
+#[derive(Debug, Clone)]
+pub struct Cpu {
+    pub accel: AccelKind,
+}
+
+impl QemuArg for Cpu {
+    fn to_args(&self) -> Vec<String> {
+        let model = match self.accel {
+            AccelKind::Kvm => "host",
+            AccelKind::Tcg => "max",
+        };
+        vec!["-cpu".into(), model.into()]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Smp {
+    pub vcpus: u32,
+}
+
+impl QemuArg for Smp {
+    fn to_args(&self) -> Vec<String> {
+        vec!["-smp".into(), self.vcpus.to_string()]
+    }
+}
+
+/// Guest RAM: `-m` plus a memfd backend. `share=on` is what lets a vhost-user backend
+/// (vhost-device-vsock) map guest memory; it is harmless for kernel vhost.
+#[derive(Debug, Clone)]
+pub struct Memory {
+    pub id: String,
+    pub mib: u32,
+    pub shared: bool,
+}
+
+impl QemuArg for Memory {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-m".into(),
+            format!("{}M", self.mib),
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id={},size={}M,share={}",
+                escape_opt(&self.id),
+                self.mib,
+                if self.shared { "on" } else { "off" }
+            ),
+        ]
+    }
+}
+
+/// Direct kernel boot: `-kernel`, `-initrd`, `-append`.
+#[derive(Debug, Clone)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+impl QemuArg for KernelBoot {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-kernel".into(),
+            self.kernel.to_string_lossy().into_owned(),
+            "-initrd".into(),
+            self.initrd.to_string_lossy().into_owned(),
+            "-append".into(),
+            self.cmdline.clone(),
+        ]
+    }
+}
+
+/// `-bios`, when the operator configured a firmware.
+#[derive(Debug, Clone)]
+pub struct Firmware {
+    pub path: PathBuf,
+}
+
+impl QemuArg for Firmware {
+    fn to_args(&self) -> Vec<String> {
+        vec!["-bios".into(), self.path.to_string_lossy().into_owned()]
+    }
+}
+
+/// No default devices, no user config, no display; a reboot request ends QEMU instead.
+#[derive(Debug, Clone, Default)]
+pub struct Basics;
+
+impl QemuArg for Basics {
+    fn to_args(&self) -> Vec<String> {
+        [
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-msg",
+            "timestamp=on",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// The guest's serial console (ttyS0) written to a file.
+#[derive(Debug, Clone)]
+pub struct SerialToFile {
+    pub path: PathBuf,
+}
+
+impl QemuArg for SerialToFile {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-chardev".into(),
+            format!("file,id=serial0,path={}", path_opt(&self.path)),
+            "-serial".into(),
+            "chardev:serial0".into(),
+        ]
+    }
+}
+
+/// The QMP monitor on a listening unix socket the runtime bound and passes as `fd`: QMP is
+/// reachable the moment QEMU starts, without polling for a socket file to appear.
+#[derive(Debug, Clone)]
+pub struct QmpFd {
+    pub fd: i32,
+}
+
+impl QemuArg for QmpFd {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={},server=on,wait=off", self.fd),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+        ]
+    }
+}
+
+/// Kernel vhost-vsock: `vhost-vsock-pci` with the CID already claimed on `vhostfd`.
+#[derive(Debug, Clone)]
+pub struct VhostVsockPci {
+    pub guest_cid: u32,
+    pub vhostfd: i32,
+}
+
+impl QemuArg for VhostVsockPci {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-device".into(),
+            format!(
+                "vhost-vsock-pci,id=vsock0,guest-cid={},vhostfd={}",
+                self.guest_cid, self.vhostfd
+            ),
+        ]
+    }
+}
+
+/// vhost-user vsock: `vhost-user-vsock-pci` talking to a vhost-device-vsock backend socket.
+#[derive(Debug, Clone)]
+pub struct VhostUserVsockPci {
+    pub backend_socket: PathBuf,
+}
+
+impl QemuArg for VhostUserVsockPci {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=vsock0-chr,path={}",
+                path_opt(&self.backend_socket)
+            ),
+            "-device".into(),
+            "vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr".into(),
+        ]
+    }
+}
+
+/// An ordered QEMU command line.
+#[derive(Default)]
+pub struct QemuCommandLine {
+    parts: Vec<Box<dyn QemuArg + Send + Sync>>,
+}
+
+impl QemuCommandLine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, arg: impl QemuArg + Send + Sync + 'static) -> &mut Self {
+        self.parts.push(Box::new(arg));
+        self
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        self.parts.iter().flat_map(|p| p.to_args()).collect()
+    }
+}
+
+/// Builds the guest kernel command line. The agent's port is passed so both sides agree;
+/// operator extras come last so they win (the agent takes the last occurrence of a key).
+pub fn guest_kernel_cmdline(agent_port: u32, extra: &[String]) -> String {
+    let mut args: Vec<String> = [
+        "console=ttyS0",
+        "quiet",
+        "loglevel=4",
+        "panic=-1",
+        "reboot=acpi",
+        "8250.nr_uarts=1",
+        "i8042.noaux",
+        "i8042.nomux",
+        "i8042.dumbkbd",
+        "tsc=reliable",
+        "no_timer_check",
+        "noreplace-smp",
+        "rcupdate.rcu_expedited=1",
+        "cryptomgr.notests",
+        "random.trust_cpu=on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(format!(
+        "{}={}",
+        spinbox_agent_api::CMDLINE_AGENT_PORT,
+        agent_port
+    ));
+    args.extend(extra.iter().cloned());
+    args.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(arg: &dyn QemuArg) -> String {
+        arg.to_args().join(" ")
+    }
+
+    fn window(args: &[String], flag: &str) -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    fn full(accel: AccelKind, vsock: Box<dyn QemuArg + Send + Sync>) -> Vec<String> {
+        let mut c = QemuCommandLine::new();
+        c.push(Basics)
+            .push(Machine {
+                accel,
+                memory_backend: "mem".into(),
+            })
+            .push(Cpu { accel })
+            .push(Smp { vcpus: 2 })
+            .push(Memory {
+                id: "mem".into(),
+                mib: 512,
+                shared: true,
+            })
+            .push(KernelBoot {
+                kernel: "/k/vmlinuz".into(),
+                initrd: "/k/initrd.img".into(),
+                cmdline: guest_kernel_cmdline(1024, &[]),
+            })
+            .push(SerialToFile {
+                path: "/log/console.log".into(),
+            })
+            .push(QmpFd { fd: 3 });
+        c.parts.push(vsock);
+        c.args()
+    }
+
+    #[test]
+    fn tcg_with_vhost_user_vsock() {
+        let args = full(
+            AccelKind::Tcg,
+            Box::new(VhostUserVsockPci {
+                backend_socket: "/run/spinbox/a/vhost-vsock.sock".into(),
+            }),
+        );
+        assert_eq!(window(&args, "-accel"), ["tcg,thread=multi"]);
+        assert_eq!(window(&args, "-cpu"), ["max"]);
+        assert!(window(&args, "-machine")[0].starts_with("q35,memory-backend=mem"));
+        assert_eq!(
+            window(&args, "-object"),
+            ["memory-backend-memfd,id=mem,size=512M,share=on"]
+        );
+        assert_eq!(
+            window(&args, "-device"),
+            ["vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr"]
+        );
+        assert!(window(&args, "-chardev")
+            .contains(&"socket,id=vsock0-chr,path=/run/spinbox/a/vhost-vsock.sock".to_string()));
+        assert!(window(&args, "-chardev")
+            .contains(&"socket,id=qmp,fd=3,server=on,wait=off".to_string()));
+        assert_eq!(window(&args, "-mon"), ["chardev=qmp,mode=control"]);
+        assert!(args.contains(&"-nodefaults".to_string()));
+        assert!(args.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn kvm_with_kernel_vhost_vsock() {
+        let args = full(
+            AccelKind::Kvm,
+            Box::new(VhostVsockPci {
+                guest_cid: 17,
+                vhostfd: 4,
+            }),
+        );
+        assert_eq!(window(&args, "-accel"), ["kvm"]);
+        assert_eq!(window(&args, "-cpu"), ["host"]);
+        assert_eq!(
+            window(&args, "-device"),
+            ["vhost-vsock-pci,id=vsock0,guest-cid=17,vhostfd=4"]
+        );
+        // No vhost-user chardev on the kernel path.
+        assert!(!window(&args, "-chardev")
+            .iter()
+            .any(|c| c.contains("vsock0-chr")));
+    }
+
+    #[test]
+    fn kernel_boot_and_cmdline() {
+        let args = full(
+            AccelKind::Tcg,
+            Box::new(VhostVsockPci {
+                guest_cid: 3,
+                vhostfd: 4,
+            }),
+        );
+        assert_eq!(window(&args, "-kernel"), ["/k/vmlinuz"]);
+        assert_eq!(window(&args, "-initrd"), ["/k/initrd.img"]);
+        let append = &window(&args, "-append")[0];
+        assert!(append.contains("console=ttyS0"));
+        assert!(append.contains("panic=-1"));
+        assert!(append.ends_with("spinbox.agent_port=1024"));
+        assert_eq!(window(&args, "-smp"), ["2"]);
+        assert_eq!(window(&args, "-m"), ["512M"]);
+    }
+
+    #[test]
+    fn extra_kernel_args_come_last() {
+        let c = guest_kernel_cmdline(1024, &["spinbox.agent_port=9".into(), "debug".into()]);
+        assert!(c.ends_with("spinbox.agent_port=1024 spinbox.agent_port=9 debug"));
+    }
+
+    #[test]
+    fn commas_in_paths_cannot_inject_options() {
+        let s = SerialToFile {
+            path: "/tmp/x,server=on".into(),
+        };
+        assert_eq!(
+            joined(&s),
+            "-chardev file,id=serial0,path=/tmp/x,,server=on -serial chardev:serial0"
+        );
+        let v = VhostUserVsockPci {
+            backend_socket: "/a,b".into(),
+        };
+        assert!(joined(&v).contains("path=/a,,b"));
+    }
+
+    #[test]
+    fn unshared_memory_for_kernel_vhost_only_setups() {
+        let m = Memory {
+            id: "mem".into(),
+            mib: 256,
+            shared: false,
+        };
+        assert_eq!(
+            joined(&m),
+            "-m 256M -object memory-backend-memfd,id=mem,size=256M,share=off"
+        );
+    }
+
+    #[test]
+    fn firmware_is_optional_bios() {
+        assert_eq!(
+            joined(&Firmware {
+                path: "/usr/share/qemu/qboot.rom".into()
+            }),
+            "-bios /usr/share/qemu/qboot.rom"
+        );
+    }
+}

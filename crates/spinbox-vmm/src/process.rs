@@ -1,0 +1,206 @@
+//! Spawning and identifying the processes a VM consists of (QEMU, vhost-device-vsock).
+//!
+//! Children get a parent-death signal, their own session (a terminal's Ctrl-C reaches the
+//! runtime, which then shuts the VM down in order, not QEMU directly), and exactly the fds they
+//! are given. Each is identified by pid *and* start time, so a recorded pid that the kernel has
+//! since reused for another process is never signalled.
+//!
+//! Note on the parent-death signal: Linux sends it when the *thread* that forked the child
+//! exits. Spawn from a runtime worker thread or the main thread, never from a short-lived
+//! thread such as tokio's blocking pool.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A process as recorded in a VM's state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`: clock ticks after boot when it started.
+    pub start_time: u64,
+}
+
+impl ProcessRecord {
+    pub fn of(pid: u32) -> io::Result<ProcessRecord> {
+        Ok(ProcessRecord {
+            pid,
+            start_time: start_time(pid)?,
+        })
+    }
+
+    /// True while the recorded process (same pid, same start time) exists and is not a zombie.
+    pub fn is_alive(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            Ok(stat) => match parse_stat(&stat) {
+                Some((state, start)) => start == self.start_time && state != 'Z' && state != 'X',
+                None => false,
+            },
+            Err(_) => false,
+        }
+    }
+
+    /// Sends `signal` only if the pid still belongs to the recorded process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> io::Result<bool> {
+        if !self.is_alive() {
+            return Ok(false);
+        }
+        let pid = i32::try_from(self.pid)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::ESRCH) => Ok(false),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+
+    /// Waits (polling /proc, for processes that are not our children) until it is gone.
+    pub async fn wait_gone(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if !self.is_alive() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Reads the start time of `pid`.
+pub fn start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&stat)
+        .map(|(_, start)| start)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/<pid>/stat"))
+}
+
+/// Returns (state, starttime) from a `/proc/<pid>/stat` line. The command name may hold spaces
+/// and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // After the state come fields 4..; starttime is field 22, i.e. the 19th after the state.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// A file descriptor the child gets at a fixed number.
+#[derive(Debug, Clone, Copy)]
+pub struct PassFd {
+    pub src: RawFd,
+    pub dst: RawFd,
+}
+
+/// A tokio command with the parent-death signal, a new session, and `fds` placed at their
+/// target numbers (inheritable), all other fds staying close-on-exec as Rust opens them.
+pub fn command<S: AsRef<OsStr>>(
+    program: &std::path::Path,
+    args: &[S],
+    fds: Vec<PassFd>,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (prctl, getppid, fcntl, dup2, setsid); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl took effect.
+            if libc::getppid() as u32 != parent {
+                return Err(io::Error::other("parent exited during spawn"));
+            }
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Two passes, so a source fd that equals another entry's target is not clobbered.
+            let mut moved = [0 as RawFd; 8];
+            if fds.len() > moved.len() {
+                return Err(io::Error::other("too many fds to pass"));
+            }
+            for (i, f) in fds.iter().enumerate() {
+                let tmp = libc::fcntl(f.src, libc::F_DUPFD_CLOEXEC, 100);
+                if tmp < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                moved[i] = tmp;
+            }
+            for (i, f) in fds.iter().enumerate() {
+                // dup2 clears close-on-exec on the target.
+                if libc::dup2(moved[i], f.dst) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_odd_command_names() {
+        let line = "4242 (qemu (x) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 987654 1000 200 18446744073709551615";
+        assert_eq!(parse_stat(line), Some(('S', 987654)));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn own_process_record_is_alive_and_a_wrong_start_time_is_not() {
+        let me = ProcessRecord::of(std::process::id()).unwrap();
+        assert!(me.is_alive());
+        let impostor = ProcessRecord {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
+        assert!(!impostor.is_alive());
+        // A pid that does not match is never signalled.
+        assert!(!impostor.signal(nix::sys::signal::Signal::SIGTERM).unwrap());
+    }
+
+    #[tokio::test]
+    async fn child_gets_passed_fd_and_its_own_session() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsRawFd;
+        // The child writes to fd 5, which is our socket `b`.
+        let child = command(
+            std::path::Path::new("/bin/sh"),
+            &["-c", "echo hello >&5; ps -o sid= -p $$"],
+            vec![PassFd {
+                src: b.as_raw_fd(),
+                dst: 5,
+            }],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let pid = child.id().unwrap();
+        let rec = ProcessRecord::of(pid).unwrap();
+        assert!(rec.is_alive());
+        let out = child.wait_with_output().await.unwrap();
+        assert!(out.status.success());
+        let sid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(sid, pid, "child leads its own session");
+        drop(b);
+        let mut got = String::new();
+        use std::io::Read;
+        (&a).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "hello\n");
+        assert!(!rec.is_alive());
+    }
+}

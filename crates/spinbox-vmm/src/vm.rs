@@ -1,0 +1,909 @@
+//! One microVM: start it (QEMU + vsock backend + QMP + agent readiness), talk to its agent,
+//! shut it down along the ladder, and never leave anything behind on failure.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use spinbox_agent_api::agent::{HealthRequest, HealthResponse, PrepareShutdownRequest};
+use spinbox_agent_api::agent_ttrpc::AgentClient;
+use spinbox_config::Config;
+use tokio::sync::watch;
+
+use crate::accel::{resolve_accel, resolve_vsock, HostCaps, VsockKind};
+use crate::cmdline::{self, QemuCommandLine};
+use crate::process::{self, PassFd, ProcessRecord};
+use crate::qmp::{Qmp, QmpError};
+use crate::state::{self, VmRecord};
+use crate::vsock::{self, VsockTransport};
+
+/// Guest CID on the vhost-user path: each VM has its own backend, so the CID is private to it.
+const HYBRID_GUEST_CID: u32 = 3;
+/// Fd numbers QEMU finds its passed descriptors at.
+const QMP_FD: i32 = 3;
+const VHOST_FD: i32 = 4;
+/// Longest path a unix socket address holds (sun_path, less the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid VM id {id:?}: {reason}")]
+    InvalidId { id: String, reason: String },
+    #[error("config {key}: {path}: {reason}")]
+    Path {
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("claiming a guest CID on /dev/vhost-vsock: {0}")]
+    Cid(#[source] std::io::Error),
+    #[error("starting {what} ({program}): {source}")]
+    Spawn {
+        what: &'static str,
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vhost-device-vsock: socket {path} did not appear within {after:?} (timeouts.device_detection)")]
+    BackendTimeout { path: PathBuf, after: Duration },
+    #[error("vhost-device-vsock exited before serving ({status}): {stderr}")]
+    BackendExited { status: String, stderr: String },
+    #[error("QMP socket {path}: {source}")]
+    QmpSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU exited during boot ({status}): {stderr}{console}")]
+    QemuExited {
+        status: String,
+        stderr: String,
+        console: String,
+    },
+    #[error("connecting QMP: {0}")]
+    Qmp(#[from] QmpError),
+    #[error("agent did not answer its health RPC on vsock port {port} within {after:?} (timeouts.vm_start); last error: {last_error}{console}")]
+    AgentTimeout {
+        port: u32,
+        after: Duration,
+        last_error: String,
+        console: String,
+    },
+    #[error("agent RPC {rpc}: {message}")]
+    Agent { rpc: &'static str, message: String },
+}
+
+/// What the VM reported when it became ready, and how long that took.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootInfo {
+    pub agent_version: String,
+    pub kernel_release: String,
+    /// Guest kernel start to agent serving, as the agent measured it.
+    pub guest_boot_to_ready_ms: u64,
+    /// QEMU spawn to the first health answer, as the host measured it.
+    pub host_spawn_to_ready_ms: u64,
+    pub modules_loaded: Vec<String>,
+    pub accel: &'static str,
+    pub vsock: &'static str,
+    pub qemu_version: String,
+}
+
+/// One step of the shutdown ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownStep {
+    AgentPrepare,
+    CtrlAltDel,
+    AcpiPowerdown,
+    QmpQuit,
+    Sigkill,
+}
+
+/// A timestamped event of a shutdown, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ShutdownEvent {
+    ShutdownInitiated {
+        at_ms: u64,
+        graceful: bool,
+    },
+    ShutdownEscalation {
+        at_ms: u64,
+        step: ShutdownStep,
+        reason: String,
+        waited_ms: u64,
+    },
+    ShutdownComplete {
+        at_ms: u64,
+        graceful: bool,
+        last_step: ShutdownStep,
+        duration_ms: u64,
+    },
+}
+
+/// How a shutdown went: the events in order, and whether it needed force.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShutdownReport {
+    pub vm_id: String,
+    pub events: Vec<ShutdownEvent>,
+    pub graceful: bool,
+    pub duration_ms: u64,
+    /// Errors releasing host resources after the VM was gone.
+    pub cleanup_errors: Vec<String>,
+}
+
+/// A running microVM whose agent has answered.
+pub struct Vm {
+    id: String,
+    dir: PathBuf,
+    console_log: PathBuf,
+    config: Config,
+    qemu: ProcessRecord,
+    qemu_exit: watch::Receiver<Option<ExitStatus>>,
+    backend: Option<Backend>,
+    qmp: Qmp,
+    transport: VsockTransport,
+    agent: AgentClient,
+    boot: BootInfo,
+    // Held so the kernel keeps the CID claimed for this VM until it is gone.
+    _vhost_fd: Option<OwnedFd>,
+}
+
+struct Backend {
+    record: ProcessRecord,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    stderr_log: PathBuf,
+}
+
+/// Resources acquired so far during start, released in reverse on failure.
+#[derive(Default)]
+struct Partial {
+    dir: Option<PathBuf>,
+    console_log: Option<PathBuf>,
+    qemu: Option<(ProcessRecord, watch::Receiver<Option<ExitStatus>>)>,
+    backend: Option<Backend>,
+}
+
+impl Partial {
+    async fn rollback(self) {
+        if let Some((rec, mut exit)) = self.qemu {
+            kill_and_wait(&rec, &mut exit).await;
+        }
+        if let Some(mut b) = self.backend {
+            kill_and_wait(&b.record, &mut b.exit).await;
+        }
+        if let Some(log) = self.console_log {
+            let _ = state::remove_file_if_exists(&log);
+        }
+        if let Some(dir) = self.dir {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "rollback: removing state directory");
+            }
+        }
+    }
+}
+
+async fn kill_and_wait(rec: &ProcessRecord, exit: &mut watch::Receiver<Option<ExitStatus>>) {
+    if exit.borrow().is_some() {
+        return;
+    }
+    let _ = rec.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(|s| s.is_some())).await;
+}
+
+/// Spawns a task that owns the child and publishes its exit status.
+fn watch_exit(mut child: tokio::process::Child) -> watch::Receiver<Option<ExitStatus>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        let _ = tx.send(status.ok().or(Some(ExitStatus::default())));
+    });
+    rx
+}
+
+fn check_file(key: &'static str, path: &Path) -> Result<(), VmError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(VmError::Path {
+            key,
+            path: path.to_owned(),
+            reason: "is not a regular file".into(),
+        }),
+        Err(e) => Err(VmError::Path {
+            key,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(data) => {
+            let text = String::from_utf8_lossy(&data);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(_) => String::new(),
+    }
+}
+
+fn console_suffix(path: &Path) -> String {
+    let t = tail(path, 15);
+    if t.trim().is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\n--- guest console (last lines of {}) ---\n{t}",
+            path.display()
+        )
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Vm {
+    /// Boots a VM for `id` with `config` and waits until its agent answers.
+    pub async fn start(id: &str, config: &Config) -> Result<Vm, VmError> {
+        Vm::start_with_host(id, config, &HostCaps::probe()).await
+    }
+
+    pub async fn start_with_host(
+        id: &str,
+        config: &Config,
+        host: &HostCaps,
+    ) -> Result<Vm, VmError> {
+        state::validate_id(id).map_err(|reason| VmError::InvalidId {
+            id: id.to_owned(),
+            reason,
+        })?;
+        let mut partial = Partial::default();
+        match Vm::start_inner(id, config, host, &mut partial).await {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                tracing::warn!(vm = id, error = %e, "VM start failed; rolling back");
+                partial.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_inner(
+        id: &str,
+        config: &Config,
+        host: &HostCaps,
+        partial: &mut Partial,
+    ) -> Result<Vm, VmError> {
+        let paths = &config.paths;
+        let timeouts = &config.timeouts;
+        let accel = resolve_accel(config.vm.accel, host);
+        let vsock_kind = resolve_vsock(config.vm.vsock, host);
+        check_file("paths.qemu", &paths.qemu)?;
+        check_file("paths.kernel", &paths.kernel)?;
+        check_file("paths.initrd", &paths.initrd)?;
+        if let Some(fw) = &paths.firmware {
+            check_file("paths.firmware", fw)?;
+        }
+        if vsock_kind == VsockKind::VhostUser {
+            check_file("paths.vhost_device_vsock", &paths.vhost_device_vsock)?;
+        }
+
+        let dir = paths.state_dir.join(id);
+        let socket_path = |name: &str| -> Result<PathBuf, VmError> {
+            let p = dir.join(name);
+            if p.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(VmError::Path {
+                    key: "paths.state_dir",
+                    path: p,
+                    reason: format!("socket path longer than {MAX_SOCKET_PATH} bytes"),
+                });
+            }
+            Ok(p)
+        };
+        let qmp_path = socket_path("qmp.sock")?;
+        let backend_sock = socket_path("vhost-vsock.sock")?;
+        let vsock_uds = socket_path("vsock.sock")?;
+
+        state::create_dir(&dir)
+            .await
+            .map_err(|source| VmError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        partial.dir = Some(dir.clone());
+        std::fs::create_dir_all(&paths.log_dir).map_err(|source| VmError::StateDir {
+            path: paths.log_dir.clone(),
+            source,
+        })?;
+        let console_log = paths.log_dir.join(format!("{id}.console.log"));
+        let mut record = VmRecord {
+            id: id.to_owned(),
+            files: vec![console_log.clone()],
+            ..Default::default()
+        };
+        let save = |record: &VmRecord| {
+            state::write_record(&dir, record).map_err(|source| VmError::StateDir {
+                path: dir.clone(),
+                source,
+            })
+        };
+        save(&record)?;
+        state::remove_file_if_exists(&console_log).map_err(|source| VmError::StateDir {
+            path: console_log.clone(),
+            source,
+        })?;
+        partial.console_log = Some(console_log.clone());
+
+        // The vsock device and how the host reaches it.
+        let mut vhost_fd: Option<OwnedFd> = None;
+        let transport = match vsock_kind {
+            VsockKind::Kernel => {
+                let (cid, fd) =
+                    vsock::claim_guest_cid(vsock::cid_hint(), 4096).map_err(VmError::Cid)?;
+                vhost_fd = Some(fd);
+                VsockTransport::Kernel { cid }
+            }
+            VsockKind::VhostUser => {
+                let backend = start_vsock_backend(config, &dir, &backend_sock, &vsock_uds).await;
+                let backend = match backend {
+                    Ok(b) => b,
+                    Err((e, b)) => {
+                        partial.backend = b;
+                        return Err(e);
+                    }
+                };
+                record.vsock_backend = Some(backend.record);
+                partial.backend = Some(backend);
+                save(&record)?;
+                VsockTransport::Hybrid {
+                    uds_path: vsock_uds.clone(),
+                }
+            }
+        };
+
+        // QMP: bound here, passed to QEMU as a listening fd, so it is up when QEMU is.
+        let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_path).map_err(|source| {
+            VmError::QmpSocket {
+                path: qmp_path.clone(),
+                source,
+            }
+        })?;
+
+        let mut cmd = QemuCommandLine::new();
+        cmd.push(cmdline::Basics)
+            .push(cmdline::Machine {
+                accel,
+                memory_backend: "mem".into(),
+            })
+            .push(cmdline::Cpu { accel })
+            .push(cmdline::Smp {
+                vcpus: config.vm.vcpus,
+            })
+            .push(cmdline::Memory {
+                id: "mem".into(),
+                mib: config.vm.memory_mib,
+                shared: vsock_kind == VsockKind::VhostUser,
+            })
+            .push(cmdline::KernelBoot {
+                kernel: paths.kernel.clone(),
+                initrd: paths.initrd.clone(),
+                cmdline: cmdline::guest_kernel_cmdline(
+                    config.vm.agent_port,
+                    &config.vm.kernel_args,
+                ),
+            })
+            .push(cmdline::SerialToFile {
+                path: console_log.clone(),
+            })
+            .push(cmdline::QmpFd { fd: QMP_FD });
+        if let Some(fw) = &paths.firmware {
+            cmd.push(cmdline::Firmware { path: fw.clone() });
+        }
+        let mut fds = vec![PassFd {
+            src: qmp_listener.as_raw_fd(),
+            dst: QMP_FD,
+        }];
+        match &transport {
+            VsockTransport::Kernel { cid } => {
+                if let Some(fd) = &vhost_fd {
+                    fds.push(PassFd {
+                        src: fd.as_raw_fd(),
+                        dst: VHOST_FD,
+                    });
+                }
+                cmd.push(cmdline::VhostVsockPci {
+                    guest_cid: *cid,
+                    vhostfd: VHOST_FD,
+                });
+            }
+            VsockTransport::Hybrid { .. } => {
+                cmd.push(cmdline::VhostUserVsockPci {
+                    backend_socket: backend_sock.clone(),
+                });
+            }
+        }
+        let args = cmd.args();
+        tracing::debug!(vm = id, qemu = %paths.qemu.display(), args = ?args, "spawning QEMU");
+
+        let stderr_log = dir.join("qemu.stderr");
+        let stderr_file =
+            std::fs::File::create(&stderr_log).map_err(|source| VmError::StateDir {
+                path: stderr_log.clone(),
+                source,
+            })?;
+        let spawned_at = Instant::now();
+        let child = process::command(&paths.qemu, &args, fds)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr_file)
+            .spawn()
+            .map_err(|source| VmError::Spawn {
+                what: "QEMU",
+                program: paths.qemu.clone(),
+                source,
+            })?;
+        let qemu_pid = child.id().unwrap_or(0);
+        let qemu_rec = ProcessRecord::of(qemu_pid);
+        let mut qemu_exit = watch_exit(child);
+        let qemu_rec = match qemu_rec {
+            Ok(r) => r,
+            Err(_) => {
+                // Already gone: report why.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    qemu_exit.wait_for(|s| s.is_some()),
+                )
+                .await;
+                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+            }
+        };
+        partial.qemu = Some((qemu_rec, qemu_exit.clone()));
+        record.qemu = Some(qemu_rec);
+        save(&record)?;
+        // QEMU holds the listener now; our copy is not needed.
+        drop(qmp_listener);
+
+        let qmp_stream = tokio::net::UnixStream::connect(&qmp_path)
+            .await
+            .map_err(|source| VmError::QmpSocket {
+                path: qmp_path.clone(),
+                source,
+            })?;
+        let qmp = tokio::select! {
+            r = Qmp::handshake(qmp_stream, timeouts.qmp_command) => r?,
+            _ = exited(qemu_exit.clone()) => {
+                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+            }
+        };
+
+        // Readiness: the agent's health answer, retried until timeouts.vm_start.
+        let deadline = spawned_at + timeouts.vm_start;
+        let port = config.vm.agent_port;
+        let mut last_error = String::from("no attempt finished");
+        let (agent, health) = loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::AgentTimeout {
+                    port,
+                    after: timeouts.vm_start,
+                    last_error,
+                    console: console_suffix(&console_log),
+                });
+            }
+            let attempt_limit = (deadline - now).min(Duration::from_secs(2));
+            let attempt = tokio::select! {
+                r = health_once(&transport, port, attempt_limit) => r,
+                _ = exited(qemu_exit.clone()) => {
+                    return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+                }
+            };
+            match attempt {
+                Ok(ok) => break ok,
+                Err(e) => last_error = e,
+            }
+            tokio::time::sleep(timeouts.task_client_retry).await;
+        };
+        let ready_after = spawned_at.elapsed();
+
+        let boot = BootInfo {
+            agent_version: health.agent_version.clone(),
+            kernel_release: health.kernel_release.clone(),
+            guest_boot_to_ready_ms: health.boot_to_ready_ms,
+            host_spawn_to_ready_ms: ms(ready_after),
+            modules_loaded: health.modules_loaded.clone(),
+            accel: accel.as_str(),
+            vsock: match vsock_kind {
+                VsockKind::Kernel => "vhost-vsock",
+                VsockKind::VhostUser => "vhost-user",
+            },
+            qemu_version: qmp.qemu_version().to_owned(),
+        };
+        tracing::info!(
+            vm = id,
+            accel = boot.accel,
+            vsock = boot.vsock,
+            agent_version = %boot.agent_version,
+            kernel = %boot.kernel_release,
+            guest_boot_to_ready_ms = boot.guest_boot_to_ready_ms,
+            host_spawn_to_ready_ms = boot.host_spawn_to_ready_ms,
+            "VM ready"
+        );
+        let backend = partial.backend.take();
+        partial.qemu = None;
+        partial.console_log = None;
+        partial.dir = None;
+        Ok(Vm {
+            id: id.to_owned(),
+            dir,
+            console_log,
+            config: config.clone(),
+            qemu: qemu_rec,
+            qemu_exit,
+            backend,
+            qmp,
+            transport,
+            agent,
+            boot,
+            _vhost_fd: vhost_fd,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn boot_info(&self) -> &BootInfo {
+        &self.boot
+    }
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+    pub fn qemu_process(&self) -> ProcessRecord {
+        self.qemu
+    }
+    pub fn vsock_backend_process(&self) -> Option<ProcessRecord> {
+        self.backend.as_ref().map(|b| b.record)
+    }
+    pub fn transport(&self) -> &VsockTransport {
+        &self.transport
+    }
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// A receiver that turns `Some(status)` when QEMU exits, for whoever must react to VM death.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>> {
+        self.qemu_exit.clone()
+    }
+
+    /// Asks the agent for its health again (a liveness probe).
+    pub async fn health(&self) -> Result<HealthResponse, VmError> {
+        let ctx =
+            ttrpc::context::with_timeout(ms(self.config.timeouts.qmp_command) as i64 * 1_000_000);
+        self.agent
+            .health(ctx, &HealthRequest::new())
+            .await
+            .map_err(|e| VmError::Agent {
+                rpc: "Health",
+                message: e.to_string(),
+            })
+    }
+
+    async fn wait_qemu_exit(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.qemu_exit.wait_for(|s| s.is_some()))
+            .await
+            .is_ok()
+    }
+
+    /// Shuts the VM down along the ladder — agent prepare (sync, unmount) → ctrl-alt-del →
+    /// ACPI power button → QMP quit → SIGKILL — each graceful step bounded by
+    /// `timeouts.shutdown_grace` and QMP by `timeouts.qmp_command`; then stops the vsock
+    /// backend and removes the state directory and console log.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        let started = Instant::now();
+        let at = |t: Instant| ms(t.duration_since(started));
+        let grace = self.config.timeouts.shutdown_grace;
+        let mut events = vec![ShutdownEvent::ShutdownInitiated {
+            at_ms: 0,
+            graceful: true,
+        }];
+        tracing::info!(vm = %self.id, event = "shutdown_initiated", graceful = true);
+        let mut last_step = ShutdownStep::AgentPrepare;
+        let mut graceful = true;
+
+        // 1. Agent: sync and unmount. Success does not power off by itself; it makes the
+        //    power-off that follows lose nothing.
+        let step_start = Instant::now();
+        let ctx = ttrpc::context::with_timeout(ms(grace) as i64 * 1_000_000);
+        if let Err(e) = self
+            .agent
+            .prepare_shutdown(ctx, &PrepareShutdownRequest::new())
+            .await
+        {
+            self.escalate(
+                &mut events,
+                at(Instant::now()),
+                ShutdownStep::AgentPrepare,
+                format!("agent prepare failed: {e}"),
+                step_start,
+            );
+        }
+
+        // 2..3. ctrl-alt-del, then the ACPI power button, each given `grace` to power off.
+        let graceful_steps: [(ShutdownStep, &str, Option<serde_json::Value>); 2] = [
+            (
+                ShutdownStep::CtrlAltDel,
+                "send-key",
+                Some(serde_json::json!({"keys": [
+                    {"type": "qcode", "data": "ctrl"},
+                    {"type": "qcode", "data": "alt"},
+                    {"type": "qcode", "data": "delete"}
+                ]})),
+            ),
+            (ShutdownStep::AcpiPowerdown, "system_powerdown", None),
+        ];
+        let mut done = self.qemu_exit.borrow().is_some();
+        for (step, command, args) in graceful_steps {
+            if done {
+                break;
+            }
+            last_step = step;
+            let step_start = Instant::now();
+            let reason = match self.qmp.execute(command, args).await {
+                Ok(_) => {
+                    if self.wait_qemu_exit(grace).await {
+                        done = true;
+                        break;
+                    }
+                    format!("guest still running {grace:?} after {command}")
+                }
+                Err(e) => format!("{command} failed: {e}"),
+            };
+            if self.qemu_exit.borrow().is_some() {
+                done = true;
+                break;
+            }
+            self.escalate(&mut events, at(Instant::now()), step, reason, step_start);
+        }
+
+        // 4. QMP quit: QEMU stops at once, the guest gets no say.
+        if !done {
+            graceful = false;
+            last_step = ShutdownStep::QmpQuit;
+            let step_start = Instant::now();
+            let qmp_wait = self.config.timeouts.qmp_command;
+            let reason = match self.qmp.execute("quit", None).await {
+                Ok(_) | Err(QmpError::Disconnected { .. }) => {
+                    if self.wait_qemu_exit(qmp_wait).await {
+                        done = true;
+                        String::new()
+                    } else {
+                        format!("QEMU still running {qmp_wait:?} after quit")
+                    }
+                }
+                Err(e) => format!("quit failed: {e}"),
+            };
+            if !done && self.qemu_exit.borrow().is_some() {
+                done = true;
+            }
+            if !done {
+                self.escalate(
+                    &mut events,
+                    at(Instant::now()),
+                    ShutdownStep::QmpQuit,
+                    reason,
+                    step_start,
+                );
+            }
+        }
+
+        // 5. SIGKILL.
+        if !done {
+            last_step = ShutdownStep::Sigkill;
+            let _ = self.qemu.signal(nix::sys::signal::Signal::SIGKILL);
+            if !self.wait_qemu_exit(Duration::from_secs(5)).await {
+                tracing::error!(vm = %self.id, pid = self.qemu.pid, "QEMU survived SIGKILL for 5s");
+            }
+        }
+
+        let duration = started.elapsed();
+        events.push(ShutdownEvent::ShutdownComplete {
+            at_ms: ms(duration),
+            graceful,
+            last_step,
+            duration_ms: ms(duration),
+        });
+        tracing::info!(
+            vm = %self.id,
+            event = "shutdown_complete",
+            graceful,
+            last_step = ?last_step,
+            duration_ms = ms(duration),
+        );
+
+        let mut cleanup_errors = Vec::new();
+        if let Some(mut b) = self.backend.take() {
+            let _ = b.record.signal(nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(Duration::from_secs(2), b.exit.wait_for(|s| s.is_some()))
+                .await
+                .is_err()
+            {
+                kill_and_wait(&b.record, &mut b.exit).await;
+            }
+            if b.exit.borrow().is_none() {
+                cleanup_errors.push(format!(
+                    "vhost-device-vsock pid {} did not exit",
+                    b.record.pid
+                ));
+            }
+        }
+        if let Err(e) = state::remove_file_if_exists(&self.console_log) {
+            cleanup_errors.push(format!("removing {}: {e}", self.console_log.display()));
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            cleanup_errors.push(format!("removing {}: {e}", self.dir.display()));
+        }
+        ShutdownReport {
+            vm_id: self.id.clone(),
+            events,
+            graceful,
+            duration_ms: ms(duration),
+            cleanup_errors,
+        }
+    }
+
+    fn escalate(
+        &self,
+        events: &mut Vec<ShutdownEvent>,
+        at_ms: u64,
+        step: ShutdownStep,
+        reason: String,
+        step_start: Instant,
+    ) {
+        let waited_ms = ms(step_start.elapsed());
+        tracing::warn!(vm = %self.id, event = "shutdown_escalation", step = ?step, reason = %reason, waited_ms);
+        events.push(ShutdownEvent::ShutdownEscalation {
+            at_ms,
+            step,
+            reason,
+            waited_ms,
+        });
+    }
+}
+
+/// Resolves once the watched process has exited.
+async fn exited(mut rx: watch::Receiver<Option<ExitStatus>>) {
+    let _ = rx.wait_for(|s| s.is_some()).await;
+}
+
+fn qemu_exited(
+    exit: &watch::Receiver<Option<ExitStatus>>,
+    stderr_log: &Path,
+    console_log: &Path,
+) -> VmError {
+    let status = match *exit.borrow() {
+        Some(s) => s.to_string(),
+        None => "still running".into(),
+    };
+    VmError::QemuExited {
+        status,
+        stderr: tail(stderr_log, 10).trim().to_owned(),
+        console: console_suffix(console_log),
+    }
+}
+
+async fn health_once(
+    transport: &VsockTransport,
+    port: u32,
+    limit: Duration,
+) -> Result<(AgentClient, HealthResponse), String> {
+    let started = Instant::now();
+    let socket = transport
+        .connect(port, limit)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let client = AgentClient::new(ttrpc::r#async::Client::new(socket));
+    let left = limit
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(100));
+    let ctx = ttrpc::context::with_timeout(ms(left) as i64 * 1_000_000);
+    match client.health(ctx, &HealthRequest::new()).await {
+        Ok(h) => Ok((client, h)),
+        Err(e) => Err(format!("health: {e}")),
+    }
+}
+
+async fn start_vsock_backend(
+    config: &Config,
+    dir: &Path,
+    backend_sock: &Path,
+    vsock_uds: &Path,
+) -> Result<Backend, (VmError, Option<Backend>)> {
+    let program = &config.paths.vhost_device_vsock;
+    let stderr_log = dir.join("vhost-device-vsock.stderr");
+    let stderr_file = std::fs::File::create(&stderr_log).map_err(|source| {
+        (
+            VmError::StateDir {
+                path: stderr_log.clone(),
+                source,
+            },
+            None,
+        )
+    })?;
+    let cid = HYBRID_GUEST_CID.to_string();
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--guest-cid".as_ref(),
+        cid.as_ref(),
+        "--socket".as_ref(),
+        backend_sock.as_os_str(),
+        "--uds-path".as_ref(),
+        vsock_uds.as_os_str(),
+    ];
+    let child = process::command(program, &args, Vec::new())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr_file)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .map_err(|source| {
+            (
+                VmError::Spawn {
+                    what: "vhost-device-vsock",
+                    program: program.clone(),
+                    source,
+                },
+                None,
+            )
+        })?;
+    let pid = child.id().unwrap_or(0);
+    let record = ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 });
+    let exit = watch_exit(child);
+    let mut backend = Backend {
+        record,
+        exit,
+        stderr_log,
+    };
+    // Wait for its socket: that is when QEMU can connect.
+    let limit = config.timeouts.device_detection;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if backend_sock.exists() {
+            return Ok(backend);
+        }
+        if backend.exit.borrow().is_some() {
+            let status = backend
+                .exit
+                .borrow()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let stderr = tail(&backend.stderr_log, 10);
+            return Err((VmError::BackendExited { status, stderr }, Some(backend)));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err((
+                VmError::BackendTimeout {
+                    path: backend_sock.to_owned(),
+                    after: limit,
+                },
+                Some(backend),
+            ));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            _ = backend.exit.changed() => {}
+        }
+    }
+}
