@@ -35,10 +35,10 @@ agent:
 	RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$(AGENT_TARGET_DIR) \
 	  cargo build --release --target $(TARGET) -p spinbox-agent
 
-$(GUEST)/vmlinuz:
+$(GUEST)/vmlinux:
 	bash kernel/fetch-debian-kernel.sh $(GUEST)
 
-guest: agent $(GUEST)/vmlinuz
+guest: agent $(GUEST)/vmlinux
 	bash kernel/fetch-debian-kernel.sh $(GUEST)
 	bash kernel/build-initrd.sh $(AGENT) $(GUEST) $(GUEST)/initrd.img
 
@@ -59,7 +59,7 @@ demo: deps build guest
 install: build guest
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(CONFDIR)
 	install -m 0755 target/release/spinbox $(DESTDIR)$(PREFIX)/bin/spinbox
-	install -m 0644 $(GUEST)/vmlinuz $(DESTDIR)$(SHAREDIR)/vmlinuz
+	install -m 0644 $(GUEST)/vmlinux $(DESTDIR)$(SHAREDIR)/vmlinux
 	install -m 0644 $(GUEST)/initrd.img $(DESTDIR)$(SHAREDIR)/initrd.img
 	@if command -v vhost-device-vsock >/dev/null && [ ! -e $(DESTDIR)$(PREFIX)/bin/vhost-device-vsock ]; then \
 	  install -m 0755 "$$(command -v vhost-device-vsock)" $(DESTDIR)$(PREFIX)/bin/vhost-device-vsock; fi

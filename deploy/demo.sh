@@ -12,7 +12,7 @@ cat >"$work/config.json" <<JSON
 {
   "paths": {
     "qemu": "$(command -v qemu-system-x86_64)",
-    "kernel": "$guest/vmlinuz",
+    "kernel": "$guest/vmlinux",
     "initrd": "$guest/initrd.img",
     "state_dir": "$work/state",
     "log_dir": "$work/log",

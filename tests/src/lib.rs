@@ -15,7 +15,7 @@ pub fn guest_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("SPINBOX_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"));
-    let missing: Vec<String> = ["vmlinuz", "initrd.img"]
+    let missing: Vec<String> = ["vmlinux", "initrd.img"]
         .iter()
         .filter(|f| !dir.join(f).is_file())
         .map(|f| dir.join(f).display().to_string())
@@ -50,7 +50,7 @@ pub fn which(name: &str) -> Option<PathBuf> {
 /// TCG (these machines have no KVM; `auto` would pick the same) and vhost-user vsock.
 pub fn test_config(guest: &Path, root: &Path) -> Config {
     let mut c = Config::default();
-    c.paths.kernel = guest.join("vmlinuz");
+    c.paths.kernel = guest.join("vmlinux");
     c.paths.initrd = guest.join("initrd.img");
     c.paths.state_dir = root.join("state");
     c.paths.log_dir = root.join("log");

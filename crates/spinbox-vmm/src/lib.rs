@@ -16,4 +16,6 @@ pub mod state;
 pub mod vm;
 pub mod vsock;
 
-pub use vm::{BootInfo, ShutdownEvent, ShutdownReport, ShutdownStep, Vm, VmError};
+pub use vm::{
+    BootInfo, DiskAttach, ShutdownEvent, ShutdownReport, ShutdownStep, Vm, VmError, VmOptions,
+};

@@ -140,6 +140,20 @@ pub struct ShutdownReport {
     pub cleanup_errors: Vec<String>,
 }
 
+/// A disk to attach at boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskAttach {
+    pub path: PathBuf,
+    pub serial: String,
+    pub read_only: bool,
+}
+
+/// What a VM gets beyond the configured defaults.
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    pub disks: Vec<DiskAttach>,
+}
+
 /// A running microVM whose agent has answered.
 pub struct Vm {
     id: String,
@@ -255,12 +269,14 @@ fn ms(d: Duration) -> u64 {
 impl Vm {
     /// Boots a VM for `id` with `config` and waits until its agent answers.
     pub async fn start(id: &str, config: &Config) -> Result<Vm, VmError> {
-        Vm::start_with_host(id, config, &HostCaps::probe()).await
+        Vm::start_with(id, config, &VmOptions::default(), &HostCaps::probe()).await
     }
 
-    pub async fn start_with_host(
+    /// Boots a VM with extra disks, on a host described by `host`.
+    pub async fn start_with(
         id: &str,
         config: &Config,
+        options: &VmOptions,
         host: &HostCaps,
     ) -> Result<Vm, VmError> {
         state::validate_id(id).map_err(|reason| VmError::InvalidId {
@@ -268,7 +284,7 @@ impl Vm {
             reason,
         })?;
         let mut partial = Partial::default();
-        match Vm::start_inner(id, config, host, &mut partial).await {
+        match Vm::start_inner(id, config, options, host, &mut partial).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 tracing::warn!(vm = id, error = %e, "VM start failed; rolling back");
@@ -281,6 +297,7 @@ impl Vm {
     async fn start_inner(
         id: &str,
         config: &Config,
+        options: &VmOptions,
         host: &HostCaps,
         partial: &mut Partial,
     ) -> Result<Vm, VmError> {
@@ -296,6 +313,22 @@ impl Vm {
         }
         if vsock_kind == VsockKind::VhostUser {
             check_file("paths.vhost_device_vsock", &paths.vhost_device_vsock)?;
+        }
+        for disk in &options.disks {
+            if !disk.path.exists() {
+                return Err(VmError::Path {
+                    key: "disk",
+                    path: disk.path.clone(),
+                    reason: "does not exist".into(),
+                });
+            }
+            if disk.serial.is_empty() || disk.serial.len() > 20 {
+                return Err(VmError::Path {
+                    key: "disk",
+                    path: disk.path.clone(),
+                    reason: format!("serial {:?} must be 1 to 20 bytes", disk.serial),
+                });
+            }
         }
 
         let dir = paths.state_dir.join(id);
@@ -409,6 +442,14 @@ impl Vm {
         if let Some(fw) = &paths.firmware {
             cmd.push(cmdline::Firmware { path: fw.clone() });
         }
+        for (i, disk) in options.disks.iter().enumerate() {
+            cmd.push(cmdline::VirtioBlk {
+                node: format!("disk{i}"),
+                path: disk.path.clone(),
+                serial: disk.serial.clone(),
+                read_only: disk.read_only,
+            });
+        }
         let mut fds = vec![PassFd {
             src: qmp_listener.as_raw_fd(),
             dst: QMP_FD,
@@ -478,10 +519,23 @@ impl Vm {
                 path: qmp_path.clone(),
                 source,
             })?;
-        let qmp = tokio::select! {
-            r = Qmp::handshake(qmp_stream, timeouts.qmp_command) => r?,
+        let handshake = tokio::select! {
+            r = Qmp::handshake(qmp_stream, timeouts.qmp_command) => r,
             _ = exited(qemu_exit.clone()) => {
                 return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+            }
+        };
+        let qmp = match handshake {
+            Ok(qmp) => qmp,
+            Err(e) => {
+                // QEMU that rejects its configuration greets and then exits: say why.
+                if tokio::time::timeout(Duration::from_secs(1), exited(qemu_exit.clone()))
+                    .await
+                    .is_ok()
+                {
+                    return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+                }
+                return Err(e.into());
             }
         };
 

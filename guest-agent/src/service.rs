@@ -1,0 +1,92 @@
+//! The ttrpc `Agent` service.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use spinbox_agent_api::agent::{
+    HealthRequest, HealthResponse, PrepareShutdownRequest, PrepareShutdownResponse,
+};
+use spinbox_agent_api::agent_ttrpc::{create_agent, Agent};
+use ttrpc::r#async::{Service, TtrpcContext};
+
+use crate::log::{boottime, info, warning};
+use crate::shutdown::unmount_data_filesystems;
+
+/// What the agent learned while booting; fixed once it serves.
+#[derive(Debug, Clone)]
+pub struct BootInfo {
+    pub kernel_release: String,
+    pub boot_to_ready_ms: u64,
+    pub modules_loaded: Vec<String>,
+}
+
+pub struct AgentService {
+    boot: BootInfo,
+}
+
+impl AgentService {
+    /// The ttrpc service map for `ttrpc::r#async::Server::register_service`.
+    pub fn services(boot: BootInfo) -> std::collections::HashMap<String, Service> {
+        create_agent(Arc::new(AgentService { boot }))
+    }
+}
+
+#[async_trait]
+impl Agent for AgentService {
+    async fn health(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: HealthRequest,
+    ) -> ttrpc::Result<HealthResponse> {
+        Ok(HealthResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernel_release: self.boot.kernel_release.clone(),
+            boot_to_ready_ms: self.boot.boot_to_ready_ms,
+            uptime_ms: millis(boottime()),
+            modules_loaded: self.boot.modules_loaded.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn prepare_shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: PrepareShutdownRequest,
+    ) -> ttrpc::Result<PrepareShutdownResponse> {
+        let unmounted = tokio::task::spawn_blocking(unmount_data_filesystems)
+            .await
+            .map_err(|e| {
+                warning!("prepare-shutdown task failed: {e}");
+                ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    ttrpc::Code::INTERNAL,
+                    format!("prepare-shutdown task failed: {e}"),
+                ))
+            })?;
+        info!(
+            "prepared for shutdown (synced; {} unmounted)",
+            unmounted.len()
+        );
+        Ok(PrepareShutdownResponse {
+            unmounted,
+            ..Default::default()
+        })
+    }
+}
+
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain old data; uname(2) fills it with NUL-terminated strings.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return String::new();
+    }
+    // SAFETY: the kernel NUL-terminates `release` within its bounds (and zeroed() backs that up).
+    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
