@@ -46,8 +46,7 @@ unit:
 	cargo test --workspace --exclude spinbox-tests
 
 test: deps guest
-	SPINBOX_REQUIRE_VM=1 SPINBOX_GUEST_DIR=$(CURDIR)/$(GUEST) \
-	  cargo test --workspace -- --test-threads=$(TEST_THREADS)
+	TEST_THREADS=$(TEST_THREADS) bash tests/run.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -5,6 +5,8 @@
 //! (default `<workspace>/build/guest`). `make test` sets `SPINBOX_REQUIRE_VM=1`, which turns a
 //! missing guest or binary into a failure instead of a skip.
 
+pub mod ctr;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

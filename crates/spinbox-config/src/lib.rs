@@ -65,6 +65,9 @@ pub struct Paths {
     pub log_dir: PathBuf,
     /// The vhost-user vsock backend, used where the host has no `/dev/vhost-vsock`.
     pub vhost_device_vsock: PathBuf,
+    /// Persistent data: the layer image cache (`layers/`) and each container's writable
+    /// layer image (`containers/<id>/`).
+    pub data_dir: PathBuf,
     /// Firmware for QEMU's `-bios`; `null` means QEMU's default (SeaBIOS). qboot boots a
     /// kernel directly in a fraction of SeaBIOS's time.
     pub firmware: Option<PathBuf>,
@@ -101,6 +104,8 @@ pub struct VmDefaults {
     pub agent_port: u32,
     /// Extra guest kernel command-line arguments, appended last.
     pub kernel_args: Vec<String>,
+    /// Size of each container's writable layer image (sparse: only written blocks use disk).
+    pub rootfs_upper_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +143,7 @@ impl Default for Paths {
             state_dir: "/run/spinbox".into(),
             log_dir: "/var/log/spinbox".into(),
             vhost_device_vsock: "/usr/local/bin/vhost-device-vsock".into(),
+            data_dir: "/var/lib/spinbox".into(),
             firmware: Some("/usr/share/qemu/qboot.rom".into()),
         }
     }
@@ -152,6 +158,7 @@ impl Default for VmDefaults {
             vsock: VsockMode::Auto,
             agent_port: 1024,
             kernel_args: Vec::new(),
+            rootfs_upper_mib: 2048,
         }
     }
 }
@@ -238,6 +245,12 @@ impl Config {
                 format!("{} is not a usable vsock port", vm.agent_port),
             ));
         }
+        if vm.rootfs_upper_mib < 16 {
+            return Err((
+                "vm.rootfs_upper_mib",
+                format!("{} MiB is below the 16 MiB minimum", vm.rootfs_upper_mib),
+            ));
+        }
         for arg in &vm.kernel_args {
             if arg.is_empty() || arg.chars().any(char::is_whitespace) {
                 return Err((
@@ -268,6 +281,7 @@ impl Config {
             ("paths.state_dir", &p.state_dir),
             ("paths.log_dir", &p.log_dir),
             ("paths.vhost_device_vsock", &p.vhost_device_vsock),
+            ("paths.data_dir", &p.data_dir),
         ] {
             if !value.is_absolute() {
                 return Err((key, format!("{} is not an absolute path", value.display())));

@@ -1,0 +1,109 @@
+//! containerd-shim-spinbox-v2: the containerd shim v2 (`io.containerd.spinbox.v2`) that runs
+//! each container inside its own QEMU microVM.
+//!
+//! containerd runs this binary with `start` (spawn the long-lived shim, print its address),
+//! with `delete` (reclaim what a dead shim left), and the spawned shim serves the task API.
+//! Logs go through `tracing` (bridged to containerd's log pipe by the shim crate); containerd's
+//! `--debug` raises the level.
+
+mod container;
+mod service;
+mod stdio;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{run, spawn, Shim};
+use containerd_shim::{Config as ShimConfig, Error as ShimError, Flags, StartOpts};
+use containerd_shim_protos::api::DeleteResponse;
+use spinbox_config::Config;
+use tokio::sync::Notify;
+
+use crate::service::TaskService;
+
+const RUNTIME_ID: &str = "io.containerd.spinbox.v2";
+
+struct SpinboxShim {
+    id: String,
+    namespace: String,
+    exit: Arc<Notify>,
+}
+
+fn load_config() -> Result<Config, ShimError> {
+    Config::load().map_err(|e| ShimError::InvalidArgument(e.to_string()))
+}
+
+#[async_trait]
+impl Shim for SpinboxShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        SpinboxShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::new(Notify::new()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
+        // Fail here, where containerd shows the message, rather than in the daemon.
+        load_config()?;
+        let grouping = opts.id.clone();
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
+        let config = load_config()?;
+        let errors = container::reclaim(&config, &self.id).await;
+        if !errors.is_empty() {
+            return Err(ShimError::Other(format!(
+                "reclaiming container {}: {}",
+                self.id,
+                errors.join("; ")
+            )));
+        }
+        let mut resp = DeleteResponse::new();
+        resp.exit_status = container::VM_DIED_STATUS;
+        resp.exited_at = protobuf::MessageField::some({
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let mut ts = protobuf::well_known_types::timestamp::Timestamp::new();
+            ts.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            ts.nanos = i32::try_from(d.subsec_nanos()).unwrap_or(0);
+            ts
+        });
+        Ok(resp)
+    }
+
+    async fn wait(&mut self) {
+        self.exit.notified().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let config = match load_config() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration; using built-in defaults");
+                Config::default()
+            }
+        };
+        TaskService::new(config, self.namespace.clone(), publisher, self.exit.clone())
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // QEMU is spawned from runtime worker threads, which live as long as the shim: its
+    // parent-death signal then fires exactly when the shim dies.
+    let config = ShimConfig {
+        // tokio reaps the children it spawned (QEMU, vhost-device-vsock); a reaper that
+        // waits for any pid would steal their exit statuses.
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    run::<SpinboxShim>(RUNTIME_ID, Some(config)).await;
+}

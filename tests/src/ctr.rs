@@ -1,0 +1,130 @@
+//! Driving the private containerd with `ctr`, as a user would.
+//!
+//! `make test` starts one private containerd for the whole suite (deploy/private-containerd.sh)
+//! and passes its socket in `$SPINBOX_CONTAINERD_ADDRESS`, with the spinbox state root the shim
+//! was configured with in `$SPINBOX_E2E_ROOT`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+pub const IMAGE: &str = "docker.io/library/spinbox-busybox:latest";
+pub const RUNTIME: &str = "io.containerd.spinbox.v2";
+
+/// The private containerd of this test run.
+pub struct Ctr {
+    pub address: String,
+    /// State root the shim uses (state/, log/, data/ below it).
+    pub spinbox_root: PathBuf,
+    /// containerd's own directory (shim processes mention it on their command line).
+    pub containerd_dir: PathBuf,
+}
+
+impl Ctr {
+    /// `None` (after saying why) when the suite runs without a private containerd.
+    pub fn from_env() -> Option<Ctr> {
+        let (Some(address), Some(root)) = (
+            std::env::var_os("SPINBOX_CONTAINERD_ADDRESS"),
+            std::env::var_os("SPINBOX_E2E_ROOT"),
+        ) else {
+            let why = "no private containerd (run through `make test`, which starts one)";
+            if std::env::var_os("SPINBOX_REQUIRE_VM").is_some() {
+                panic!("{why}");
+            }
+            eprintln!("skipped: {why}");
+            return None;
+        };
+        let address = address.to_string_lossy().into_owned();
+        let containerd_dir = PathBuf::from(&address)
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        Some(Ctr {
+            address,
+            spinbox_root: PathBuf::from(root),
+            containerd_dir,
+        })
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(&self.address);
+        c
+    }
+
+    /// Runs ctr with `args`, feeding `stdin` if given.
+    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut c = self.cmd();
+        c.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawning ctr");
+        if let Some(data) = stdin {
+            let mut input = child.stdin.take().expect("stdin pipe");
+            // ctr 1.6 never closes the container's stdin; the writer just goes away.
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                let _ = input.write_all(&data);
+            });
+        }
+        child.wait_with_output().expect("waiting for ctr")
+    }
+
+    /// `ctr run --rm` with the given runtime, returning the output.
+    pub fn run_container(
+        &self,
+        runtime: &str,
+        id: &str,
+        extra: &[&str],
+        cmd: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Output {
+        let mut args = vec!["run", "--rm", "--runtime", runtime];
+        if stdin.is_some() {
+            args.push("-i");
+        }
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        self.run(&args, stdin)
+    }
+
+    /// Asserts nothing of spinbox's is left: no QEMU / helper / shim process, no VM state,
+    /// no container data, no console log, no container or task known to containerd.
+    pub fn assert_clean(&self) {
+        let root = self.spinbox_root.display().to_string();
+        let procs = crate::processes_mentioning(&root);
+        assert!(procs.is_empty(), "VM processes left: {procs:#?}");
+        let shims: Vec<String> = crate::processes_mentioning("containerd-shim-spinbox-v2")
+            .into_iter()
+            .filter(|p| p.contains(&self.address))
+            .collect();
+        assert!(shims.is_empty(), "shims left: {shims:#?}");
+        for sub in ["state", "log", "data/containers"] {
+            let d = self.spinbox_root.join(sub);
+            if let Ok(entries) = std::fs::read_dir(&d) {
+                let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+                assert!(left.is_empty(), "left in {}: {left:?}", d.display());
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let ours: Vec<&str> = mounts.lines().filter(|l| l.contains(&root)).collect();
+        assert!(ours.is_empty(), "mounts left: {ours:?}");
+        let tasks = self.run(&["task", "ls", "-q"], None);
+        assert!(
+            String::from_utf8_lossy(&tasks.stdout).trim().is_empty(),
+            "tasks left"
+        );
+        let ctrs = self.run(&["containers", "ls", "-q"], None);
+        assert!(
+            String::from_utf8_lossy(&ctrs.stdout).trim().is_empty(),
+            "containers left"
+        );
+    }
+}
