@@ -58,6 +58,7 @@ demo: deps build guest
 install: build guest
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(CONFDIR)
 	install -m 0755 target/release/spinbox $(DESTDIR)$(PREFIX)/bin/spinbox
+	install -m 0755 target/release/containerd-shim-spinbox-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-spinbox-v2
 	install -m 0644 $(GUEST)/vmlinux $(DESTDIR)$(SHAREDIR)/vmlinux
 	install -m 0644 $(GUEST)/initrd.img $(DESTDIR)$(SHAREDIR)/initrd.img
 	@if command -v vhost-device-vsock >/dev/null && [ ! -e $(DESTDIR)$(PREFIX)/bin/vhost-device-vsock ]; then \

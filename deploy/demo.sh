@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The demo: boot a spinbox microVM from the freshly built guest, ask its agent for its version
-# and the guest kernel release, and shut it down — all with a private state directory.
+# The demo: a private containerd with spinbox as a runtime, a locally built busybox image,
+# and `ctr run --runtime io.containerd.spinbox.v2` printing a greeting and the kernel release
+# from inside the microVM. Everything lives in a temp dir and is removed afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 work=$(mktemp -d /tmp/spinbox-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+cleanup() {
+  bash deploy/private-containerd.sh stop "$work/containerd" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 guest=$PWD/build/guest
 cat >"$work/config.json" <<JSON
 {
@@ -14,11 +19,19 @@ cat >"$work/config.json" <<JSON
     "qemu": "$(command -v qemu-system-x86_64)",
     "kernel": "$guest/vmlinux",
     "initrd": "$guest/initrd.img",
-    "state_dir": "$work/state",
-    "log_dir": "$work/log",
+    "state_dir": "$work/sb/state",
+    "log_dir": "$work/sb/log",
+    "data_dir": "$work/sb/data",
     "vhost_device_vsock": "$(command -v vhost-device-vsock || echo /usr/local/bin/vhost-device-vsock)"
   }
 }
 JSON
-echo "host kernel: $(uname -r)"
-SPINBOX_CONFIG=$work/config.json RUST_LOG=${RUST_LOG:-warn} ./target/release/spinbox boot demo
+echo "== starting a private containerd with spinbox configured"
+address=$(bash deploy/private-containerd.sh start "$work/containerd" "$PWD/target/release" "$work/config.json")
+echo "== importing a locally built busybox image"
+bash tests/image/build-busybox-image.sh "$work/busybox.tar" >/dev/null
+ctr --address "$address" images import "$work/busybox.tar"
+echo "== ctr run --runtime io.containerd.spinbox.v2 (host kernel: $(uname -r))"
+time ctr --address "$address" run --rm --runtime io.containerd.spinbox.v2 \
+  docker.io/library/spinbox-busybox:latest spinbox-demo \
+  sh -c 'echo "Hello from a spinbox microVM!"; echo "guest kernel: $(uname -r)"'

@@ -189,6 +189,7 @@ async fn agent_that_never_answers_fails_within_vm_start_and_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_kernel_path_is_named_and_nothing_is_created() {
     let Some(guest) = guest_dir() else { return };
+    let _serial = VM_TESTS.lock().await;
     let root = tempfile::tempdir().unwrap();
     let mut config = test_config(&guest, root.path());
     config.paths.kernel = root.path().join("no-such-vmlinuz");
@@ -269,8 +270,8 @@ fn nix_sigkill() -> nix::sys::signal::Signal {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_vhost_vsock_boot_where_available() {
     let Some(guest) = guest_dir() else { return };
+    let _serial = VM_TESTS.lock().await;
     if HostCaps::probe().vhost_vsock {
-        let _serial = VM_TESTS.lock().await;
         let root = tempfile::tempdir().unwrap();
         let mut config = test_config(&guest, root.path());
         config.vm.vsock = spinbox_config::VsockMode::Vhost;

@@ -1,6 +1,8 @@
 //! The agent's settings from the kernel command line (`/proc/cmdline`).
 
-use spinbox_agent_api::{CMDLINE_AGENT_PORT, DEFAULT_AGENT_PORT};
+use spinbox_agent_api::{
+    CMDLINE_AGENT_PORT, CMDLINE_STDIO_PORT, DEFAULT_AGENT_PORT, DEFAULT_STDIO_PORT,
+};
 
 use crate::log::Level;
 
@@ -12,6 +14,8 @@ pub const CMDLINE_LOG: &str = "spinbox.log";
 pub struct Settings {
     /// vsock port to serve ttrpc on.
     pub agent_port: u32,
+    /// vsock port for container stdio streams.
+    pub stdio_port: u32,
     /// Console log level.
     pub log_level: Level,
     /// Values that were present but unusable; logged once logging is set up.
@@ -22,6 +26,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             agent_port: DEFAULT_AGENT_PORT,
+            stdio_port: DEFAULT_STDIO_PORT,
             log_level: Level::Info,
             problems: Vec::new(),
         }
@@ -37,13 +42,13 @@ pub fn parse(cmdline: &str) -> Settings {
         let Some((key, value)) = word.split_once('=') else {
             continue;
         };
-        if key == CMDLINE_AGENT_PORT {
-            match value.parse::<u32>() {
-                // u32::MAX is VMADDR_PORT_ANY; 0 is not a port a host can dial.
-                Ok(port) if port != 0 && port != u32::MAX => settings.agent_port = port,
-                _ => settings.problems.push(format!(
-                    "ignoring {CMDLINE_AGENT_PORT}={value:?}: not a vsock port"
-                )),
+        if key == CMDLINE_AGENT_PORT || key == CMDLINE_STDIO_PORT {
+            match parse_port(value) {
+                Some(port) if key == CMDLINE_AGENT_PORT => settings.agent_port = port,
+                Some(port) => settings.stdio_port = port,
+                None => settings
+                    .problems
+                    .push(format!("ignoring {key}={value:?}: not a vsock port")),
             }
         } else if key == CMDLINE_LOG {
             match Level::parse(value) {
@@ -55,6 +60,14 @@ pub fn parse(cmdline: &str) -> Settings {
         }
     }
     settings
+}
+
+/// A vsock port a host can dial: not 0, not u32::MAX (VMADDR_PORT_ANY).
+fn parse_port(value: &str) -> Option<u32> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|p| *p != 0 && *p != u32::MAX)
 }
 
 /// Splits a command line into words the way the kernel does: on whitespace, with double
@@ -111,6 +124,15 @@ mod tests {
     fn last_occurrence_wins() {
         let s = parse("spinbox.agent_port=2048 quiet spinbox.agent_port=4096");
         assert_eq!(s.agent_port, 4096);
+    }
+
+    #[test]
+    fn stdio_port() {
+        assert_eq!(parse("").stdio_port, DEFAULT_STDIO_PORT);
+        let s = parse("spinbox.stdio_port=3000 spinbox.stdio_port=3001 spinbox.stdio_port=0");
+        assert_eq!(s.stdio_port, 3001);
+        assert_eq!(s.agent_port, DEFAULT_AGENT_PORT);
+        assert_eq!(s.problems.len(), 1);
     }
 
     #[test]

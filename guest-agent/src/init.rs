@@ -77,6 +77,38 @@ const PSEUDO_MOUNTS: &[PseudoMount] = &[
     },
 ];
 
+/// Moves the agent off the initramfs root. The initial rootfs can never be pivot_root()ed
+/// away from (it has no parent mount), and every mount namespace cloned from it inherits that,
+/// so containers could only chroot. Bind-mounting the root onto a directory, moving that mount
+/// over `/` and chrooting into it gives a root that is a proper mount (with rootfs as its
+/// parent): container namespaces cloned from here can pivot_root and detach the old root.
+/// A failure is logged; the agent still serves (containers then fail at pivot_root).
+pub fn leave_initramfs() {
+    if let Err(e) = try_leave_initramfs() {
+        warning!("leaving the initramfs root: {e:#}");
+    }
+}
+
+fn try_leave_initramfs() -> Result<()> {
+    const STAGE: &str = "/mnt";
+    std::fs::create_dir_all(STAGE).with_context(|| format!("mkdir {STAGE}"))?;
+    mount(
+        Some("/"),
+        STAGE,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .context("bind-mounting / on /mnt")?;
+    nix::unistd::chdir(STAGE).context("chdir /mnt")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("moving the bind mount over /")?;
+    nix::unistd::chroot(".").context("chroot")?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    debug!("root is now a bind mount of the initramfs");
+    Ok(())
+}
+
 /// Mounts proc, sysfs, devtmpfs, devpts, /dev/shm, cgroup2, /run and /tmp. A failure is
 /// logged and the rest still mounted: the agent can serve without, say, cgroup2.
 pub fn mount_pseudo_filesystems() {

@@ -1,24 +1,25 @@
 //! spinbox-agent: PID 1 of a spinbox guest, and the ttrpc agent the host talks to over vsock.
 //!
 //! Boot: mount pseudo filesystems, read the kernel command line, load the initrd's kernel
-//! modules, watch the ACPI power button, then serve ttrpc on a vsock port. Every way out
+//! modules, watch the ACPI power button, then serve ttrpc on a vsock port (and container stdio
+//! streams on a second one). Run as `spinbox-agent __container-init` it is instead a
+//! container's init (see `container::child`). Every way out
 //! (ctrl-alt-del, SIGTERM/SIGPWR, the power button, an error, a panic) powers the VM off.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod cmdline;
+mod container;
 mod init;
 mod input;
 mod log;
+mod reaper;
 mod service;
 mod shutdown;
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use nix::errno::Errno;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::log::{debug, error, info, warning};
@@ -30,6 +31,13 @@ const BIND_ATTEMPTS: u32 = 5;
 const BIND_RETRY: Duration = Duration::from_millis(100);
 
 fn main() {
+    // Re-executed as a container's init (see container::launch): that process is PID 1 of its
+    // own namespaces and must do none of the guest init's work.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(container::launch::CONTAINER_INIT_ARG))
+    {
+        container::child::main();
+    }
     shutdown::install_panic_hook();
     let reason = match run() {
         Ok(reason) => reason,
@@ -45,6 +53,7 @@ fn main() {
 fn run() -> Result<String> {
     let pid1 = is_pid1();
     if pid1 {
+        init::leave_initramfs();
         init::mount_pseudo_filesystems();
     } else {
         warning!("not PID 1: skipping mounts, modules and power handling");
@@ -78,10 +87,20 @@ fn run() -> Result<String> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    runtime.block_on(serve(settings.agent_port, modules_loaded, pid1))
+    runtime.block_on(serve(
+        settings.agent_port,
+        settings.stdio_port,
+        modules_loaded,
+        pid1,
+    ))
 }
 
-async fn serve(port: u32, modules_loaded: Vec<String>, pid1: bool) -> Result<String> {
+async fn serve(
+    port: u32,
+    stdio_port: u32,
+    modules_loaded: Vec<String>,
+    pid1: bool,
+) -> Result<String> {
     let mut sigchld = signal(SignalKind::child()).context("SIGCHLD handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -107,7 +126,12 @@ async fn serve(port: u32, modules_loaded: Vec<String>, pid1: bool) -> Result<Str
         modules_loaded,
     };
     let ready_ms = boot.boot_to_ready_ms;
-    let mut server = server.register_service(AgentService::services(boot));
+    let containers = container::Manager::new();
+    // Without the stdio port containers can still run (with stdio to /dev/null); say why.
+    if let Err(e) = container::stdio::listen(stdio_port, containers.clone()) {
+        warning!("{e:#}");
+    }
+    let mut server = server.register_service(AgentService::services(boot, containers));
     server.start().await.context("starting the ttrpc server")?;
     info!(
         "spinbox-agent {} ready on vsock port {port} (boot-to-ready {ready_ms} ms)",
@@ -120,7 +144,7 @@ async fn serve(port: u32, modules_loaded: Vec<String>, pid1: bool) -> Result<Str
                 if got.is_none() {
                     anyhow::bail!("SIGCHLD stream ended");
                 }
-                reap_zombies();
+                reaper::reap_all();
             }
             _ = sigint.recv() => return Ok("ctrl-alt-del (SIGINT)".to_string()),
             _ = sigterm.recv() => return Ok("SIGTERM".to_string()),
@@ -148,23 +172,6 @@ async fn bind(addr: &str, port: u32) -> Result<ttrpc::r#async::Server> {
                          (is a virtio-vsock device present and vmw_vsock_virtio_transport loaded?)"
                     )
                 })
-            }
-        }
-    }
-}
-
-/// Collects every exited child. Orphans are re-parented to PID 1, so this is all of them.
-// TODO(containers): once the agent runs container processes, their exit statuses must be
-// routed to whoever waits for them instead of being dropped here.
-fn reap_zombies() {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(status) => debug!("reaped {status:?}"),
-            Err(Errno::EINTR) => {}
-            Err(e) => {
-                warning!("waitpid: {e}");
-                return;
             }
         }
     }

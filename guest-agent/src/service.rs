@@ -4,11 +4,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use spinbox_agent_api::agent::{
-    HealthRequest, HealthResponse, PrepareShutdownRequest, PrepareShutdownResponse,
+    CreateContainerRequest, CreateContainerResponse, Empty, HealthRequest, HealthResponse,
+    ListPidsResponse, PrepareShutdownRequest, PrepareShutdownResponse, ProcessRequest,
+    SignalProcessRequest, StartProcessResponse, WaitProcessResponse,
 };
 use spinbox_agent_api::agent_ttrpc::{create_agent, Agent};
 use ttrpc::r#async::{Service, TtrpcContext};
 
+use crate::container::Manager;
 use crate::log::{boottime, info, warning};
 use crate::shutdown::unmount_data_filesystems;
 
@@ -22,12 +25,16 @@ pub struct BootInfo {
 
 pub struct AgentService {
     boot: BootInfo,
+    containers: Arc<Manager>,
 }
 
 impl AgentService {
     /// The ttrpc service map for `ttrpc::r#async::Server::register_service`.
-    pub fn services(boot: BootInfo) -> std::collections::HashMap<String, Service> {
-        create_agent(Arc::new(AgentService { boot }))
+    pub fn services(
+        boot: BootInfo,
+        containers: Arc<Manager>,
+    ) -> std::collections::HashMap<String, Service> {
+        create_agent(Arc::new(AgentService { boot, containers }))
     }
 }
 
@@ -70,6 +77,88 @@ impl Agent for AgentService {
             unmounted,
             ..Default::default()
         })
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        let pid = self.containers.create(req).await?;
+        Ok(CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<StartProcessResponse> {
+        let pid = self
+            .containers
+            .start(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(StartProcessResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let exit = self
+            .containers
+            .wait(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(WaitProcessResponse {
+            exit_status: exit.status,
+            exited_at_unix_nanos: exit.at_unix_nanos,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)?;
+        Ok(Empty::default())
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)?;
+        Ok(Empty::default())
+    }
+
+    async fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
+        let pids = self.containers.list_pids(&req.container_id, &req.exec_id)?;
+        Ok(ListPidsResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .remove(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(Empty::default())
     }
 }
 

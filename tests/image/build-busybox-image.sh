@@ -14,7 +14,8 @@ file -L "$busybox" 2>/dev/null | grep -q "statically linked" || ldd "$busybox" 2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
-mkdir -p "$root"/{bin,etc,tmp,root,home,proc,sys,dev,var/tmp}
+mkdir -p "$root"/{bin,etc,tmp,root,home,proc,sys,dev,run,var/tmp}
+chmod 0755 "$root"
 chmod 1777 "$root/tmp" "$root/var/tmp"
 cp "$busybox" "$root/bin/busybox"
 for applet in $("$busybox" --list); do

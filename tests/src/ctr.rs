@@ -84,12 +84,13 @@ impl Ctr {
         cmd: &[&str],
         stdin: Option<&[u8]>,
     ) -> Output {
+        // ctr 1.6 connects stdin by default; it has no -i.
         let mut args = vec!["run", "--rm", "--runtime", runtime];
-        if stdin.is_some() {
-            args.push("-i");
-        }
         args.extend_from_slice(extra);
-        args.push(IMAGE);
+        // A full spec (--config) brings its own root: no image then.
+        if !extra.contains(&"--config") {
+            args.push(IMAGE);
+        }
         args.push(id);
         args.extend_from_slice(cmd);
         self.run(&args, stdin)

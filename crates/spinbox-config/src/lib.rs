@@ -10,7 +10,7 @@
 //! - `timeouts.device_detection`: waiting for the vhost-user vsock backend's socket.
 //! - `timeouts.qmp_command`: every QMP command's reply wait.
 //! - `timeouts.shutdown_grace`: each graceful step of the VM shutdown ladder.
-//! - `timeouts.io_wait`, `timeouts.event_reconnect`: the shim's stdio drain and event publisher.
+//! - `timeouts.io_wait`, `timeouts.event_reconnect`: the shim's stdio drain and event retries.
 
 pub mod duration;
 
@@ -120,7 +120,7 @@ pub struct Timeouts {
     /// How long each graceful shutdown step may take before the next escalation.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
-    /// Delay before the shim reconnects its event publisher to containerd.
+    /// Pause before the shim retries publishing an event containerd did not take.
     #[serde(with = "duration")]
     pub event_reconnect: Duration,
     /// Pause between attempts to reach the agent (task client) while it is not up yet.

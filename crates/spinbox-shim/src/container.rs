@@ -88,6 +88,8 @@ pub struct CreateOpts {
     pub bundle: PathBuf,
     pub rootfs: Vec<MountSpec>,
     pub stdio: StdioPaths,
+    /// containerd namespace (for loggers' environment).
+    pub namespace: String,
 }
 
 pub struct Container {
@@ -151,7 +153,24 @@ impl Container {
                 "process.terminal: TTY containers are not supported yet".into(),
             ));
         }
-        let source = spinbox_storage::parse_rootfs(&opts.rootfs)?;
+        let source = if opts.rootfs.is_empty() {
+            // No snapshot mounts (`ctr run --config`, a pre-made bundle): the spec's
+            // root.path, relative to the bundle, is the rootfs directory.
+            let root = parsed["root"]["path"].as_str().unwrap_or("rootfs");
+            let path = opts.bundle.join(root);
+            if !path.is_dir() {
+                return Err(ContainerError::Bundle {
+                    path: spec_path.clone(),
+                    reason: format!(
+                        "root.path {} is not a directory and containerd gave no rootfs mounts",
+                        path.display()
+                    ),
+                });
+            }
+            spinbox_storage::RootfsSource::Dir { path, read_only }
+        } else {
+            spinbox_storage::parse_rootfs(&opts.rootfs)?
+        };
 
         // Rollback order is the reverse of the steps below.
         let work_dir = work_dir(config, &opts.id);
@@ -235,7 +254,10 @@ impl Container {
             .await
             .map_err(|e| agent_err("CreateContainer", e));
         let pid = match created {
-            Ok(r) => r.pid,
+            Ok(r) => {
+                tracing::info!(id = %opts.id, pid = r.pid, "container created in the guest");
+                r.pid
+            }
             Err(e) => {
                 vm.shutdown().await;
                 release_rootfs(&prepared, &work_dir);
@@ -247,6 +269,7 @@ impl Container {
             spinbox_agent_api::DEFAULT_STDIO_PORT,
             &opts.id,
             "",
+            &opts.namespace,
             &opts.stdio,
             config.timeouts.device_detection,
         )
@@ -321,6 +344,7 @@ impl Container {
             }
         };
         self.set_status(Status::Running);
+        tracing::info!(id = %self.id, pid = resp.pid, "process started");
         let me = Arc::clone(self);
         let vm_exit = {
             let vm = self.vm.lock().await;
@@ -356,6 +380,7 @@ impl Container {
                     ExitInfo { status: VM_DIED_STATUS, at: SystemTime::now() }
                 }
             };
+            tracing::info!(id = %me.id, status = info.status, "process exited");
             // Every byte the process wrote reaches containerd before the exit is published.
             me.pumps
                 .lock()
@@ -414,9 +439,7 @@ impl Container {
     }
 
     pub async fn close_stdin(&self) -> Result<(), ContainerError> {
-        if let Some(h) = self.pumps.lock().await.stdin.take() {
-            h.abort();
-        }
+        self.pumps.lock().await.close_stdin();
         if self.status() == Status::Stopped {
             return Ok(());
         }

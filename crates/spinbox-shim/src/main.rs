@@ -66,15 +66,7 @@ impl Shim for SpinboxShim {
         }
         let mut resp = DeleteResponse::new();
         resp.exit_status = container::VM_DIED_STATUS;
-        resp.exited_at = protobuf::MessageField::some({
-            let d = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            let mut ts = protobuf::well_known_types::timestamp::Timestamp::new();
-            ts.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-            ts.nanos = i32::try_from(d.subsec_nanos()).unwrap_or(0);
-            ts
-        });
+        resp.exited_at = service::timestamp(std::time::SystemTime::now());
         Ok(resp)
     }
 

@@ -55,7 +55,8 @@ fn to_ttrpc(e: ContainerError) -> TtrpcError {
     status(code, e.to_string())
 }
 
-fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
+/// A protobuf timestamp for containerd.
+pub(crate) fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let mut ts = Timestamp::new();
     ts.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
@@ -96,19 +97,49 @@ impl TaskService {
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        if let Err(e) = self
-            .publisher
+        publish_with_retry(
+            &self.publisher,
+            &self.namespace,
+            topic,
+            event,
+            self.config.timeouts.event_reconnect,
+        )
+        .await;
+    }
+}
+
+/// Attempts to hand an event to containerd before it is dropped (and logged).
+const PUBLISH_ATTEMPTS: u32 = 3;
+
+/// Publishes an event; when the publisher refuses it (containerd unreachable, queue full),
+/// waits `timeouts.event_reconnect` and tries again, a bounded number of times.
+async fn publish_with_retry(
+    publisher: &RemotePublisher,
+    namespace: &str,
+    topic: &str,
+    event: Box<dyn MessageDyn>,
+    retry_after: std::time::Duration,
+) {
+    let mut last = String::new();
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        match publisher
             .publish(
                 ttrpc::context::Context::default(),
                 topic,
-                &self.namespace,
-                event,
+                namespace,
+                event.clone_box(),
             )
             .await
         {
-            tracing::warn!(topic, error = %e, "publishing event");
+            Ok(()) => return,
+            Err(e) => {
+                last = e.to_string();
+                tracing::warn!(topic, attempt, error = %e, "publishing event; retrying");
+                tokio::time::sleep(retry_after).await;
+            }
         }
     }
+    tracing::error!(topic, error = %last, "event dropped after {PUBLISH_ATTEMPTS} attempts");
 }
 
 #[async_trait]
@@ -146,6 +177,7 @@ impl Task for TaskService {
                 stderr: req.stderr.clone(),
                 terminal: req.terminal,
             },
+            namespace: self.namespace.clone(),
         };
         let result = Container::create(opts, &self.config).await;
         self.creating.lock().await.remove(&id);
@@ -180,6 +212,7 @@ impl Task for TaskService {
         let c = self.get(&req.id, &req.exec_id).await?;
         let publisher = Arc::clone(&self.publisher);
         let namespace = self.namespace.clone();
+        let retry_after = self.config.timeouts.event_reconnect;
         let id = c.id.clone();
         let pid = c.pid;
         let on_exit = move |info: ExitInfo| {
@@ -190,17 +223,14 @@ impl Task for TaskService {
             ev.exit_status = info.status;
             ev.exited_at = timestamp(info.at);
             tokio::spawn(async move {
-                if let Err(e) = publisher
-                    .publish(
-                        ttrpc::context::Context::default(),
-                        topics::TASK_EXIT_EVENT_TOPIC,
-                        &namespace,
-                        Box::new(ev),
-                    )
-                    .await
-                {
-                    tracing::warn!(error = %e, "publishing TaskExit");
-                }
+                publish_with_retry(
+                    &publisher,
+                    &namespace,
+                    topics::TASK_EXIT_EVENT_TOPIC,
+                    Box::new(ev),
+                    retry_after,
+                )
+                .await;
             });
         };
         let pid = c.start(on_exit).await.map_err(to_ttrpc)?;

@@ -26,6 +26,8 @@ pub struct StdioPaths {
 #[derive(Default)]
 pub struct StdioPumps {
     pub stdin: Option<JoinHandle<io::Result<u64>>>,
+    /// containerd's stdin fifo, while our open of it may still be waiting for a writer.
+    pub stdin_fifo: Option<PathBuf>,
     pub stdout: Option<JoinHandle<io::Result<u64>>>,
     pub stderr: Option<JoinHandle<io::Result<u64>>>,
 }
@@ -57,8 +59,21 @@ impl StdioPumps {
         complete
     }
 
+    /// Stops feeding stdin (CloseIO): the copy ends and a pending open is released.
+    pub fn close_stdin(&mut self) {
+        if let Some(fifo) = self.stdin_fifo.take() {
+            unblock_fifo_open(&fifo);
+        }
+        if let Some(h) = self.stdin.take() {
+            h.abort();
+        }
+    }
+
     /// Stops every copy (delete / shutdown).
     pub fn abort(&mut self) {
+        if let Some(fifo) = self.stdin_fifo.take() {
+            unblock_fifo_open(&fifo);
+        }
         for h in [self.stdin.take(), self.stdout.take(), self.stderr.take()]
             .into_iter()
             .flatten()
@@ -103,19 +118,146 @@ async fn open_output(path: &Path) -> io::Result<Box<dyn AsyncWrite + Send + Unpi
     }
 }
 
+/// A reader blocked in `open(fifo, O_RDONLY)` waits for a writer that may never come (the
+/// client went away). Opening the write end ourselves, without blocking, releases it; the
+/// reader then sees EOF. Without a blocked reader the open fails with ENXIO, which is fine.
+fn unblock_fifo_open(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+}
+
 /// Opens containerd's stdin path for reading. Opening a fifo for reading waits for its writer
-/// (containerd opens it concurrently); that wait runs on the blocking pool, not the runtime.
+/// (containerd's client opens it concurrently); that wait runs on a thread of its own, so
+/// neither the runtime nor its blocking pool (which the shim's exit waits for) is held, and
+/// [`StdioPumps::abort`] can release it.
 async fn open_input(path: PathBuf) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
     let meta = tokio::fs::metadata(&path).await?;
     if std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
-        let file = tokio::task::spawn_blocking(move || std::fs::File::open(&path))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("stdin-open".into())
+            .spawn(move || {
+                let _ = tx.send(std::fs::File::open(&path));
+            })?;
+        let file = rx
             .await
-            .map_err(|e| io::Error::other(e.to_string()))??;
+            .map_err(|_| io::Error::other("stdin open thread vanished"))??;
         let rx = tokio::net::unix::pipe::Receiver::from_file(file)?;
         Ok(Box::new(rx))
     } else {
         Ok(Box::new(tokio::fs::File::open(&path).await?))
     }
+}
+
+/// Where containerd wants a process's output: a fifo or file path (`file://` or bare), or a
+/// `binary://` logger that spinbox starts and feeds through pipes, as containerd's runc shim does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputTarget {
+    Path(PathBuf),
+    Binary {
+        program: PathBuf,
+        args: Vec<(String, String)>,
+    },
+}
+
+/// Parses a stdout/stderr value from containerd.
+pub fn parse_output(uri: &str) -> io::Result<OutputTarget> {
+    if let Some(rest) = uri.strip_prefix("binary://") {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if path.is_empty() || !path.starts_with('/') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("binary logger {uri:?}: the path must be absolute"),
+            ));
+        }
+        let args = query
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+        return Ok(OutputTarget::Binary {
+            program: PathBuf::from(path),
+            args,
+        });
+    }
+    let path = uri.strip_prefix("file://").unwrap_or(uri);
+    if !path.starts_with('/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("stdio target {uri:?} is neither an absolute path, file:// nor binary://"),
+        ));
+    }
+    Ok(OutputTarget::Path(PathBuf::from(path)))
+}
+
+/// Starts a `binary://` logger: its fd 3 reads stdout, fd 4 stderr, and it closes fd 5 once it
+/// is ready. Returns the write ends for stdout and stderr.
+async fn start_binary_logger(
+    program: &Path,
+    args: &[(String, String)],
+    container_id: &str,
+    namespace: &str,
+) -> io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::AsRawFd;
+    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut cmd = tokio::process::Command::new(program);
+    for (k, v) in args {
+        if v.is_empty() {
+            cmd.arg(k);
+        } else {
+            cmd.arg(k).arg(v);
+        }
+    }
+    cmd.env("CONTAINER_ID", container_id)
+        .env("CONTAINER_NAMESPACE", namespace)
+        .stdin(std::process::Stdio::null());
+    let fds = [
+        (out_r.as_raw_fd(), 3),
+        (err_r.as_raw_fd(), 4),
+        (ready_w.as_raw_fd(), 5),
+    ];
+    // SAFETY: only dup2 between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (src, dst) in fds {
+                if libc::dup2(src, dst) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("starting logger {}: {e}", program.display()),
+        )
+    })?;
+    drop((out_r, err_r, ready_w));
+    // The logger says it is ready by closing fd 5: read until EOF, off the runtime.
+    let ready = std::fs::File::from(ready_r);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 16];
+        let mut r = &ready;
+        while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+    })
+    .await
+    .map_err(|e| io::Error::other(e.to_string()))?;
+    // The logger lives on by itself and exits when its pipes close.
+    tokio::spawn(async move {
+        let mut child = child;
+        let _ = child.wait().await;
+    });
+    Ok((std::fs::File::from(out_w), std::fs::File::from(err_w)))
 }
 
 /// Connects the streams containerd asked for and starts copying. Output streams are fully
@@ -125,10 +267,13 @@ pub async fn connect(
     port: u32,
     container_id: &str,
     exec_id: &str,
+    namespace: &str,
     paths: &StdioPaths,
     limit: Duration,
 ) -> io::Result<StdioPumps> {
     let mut pumps = StdioPumps::default();
+    // containerd gives the same binary:// URI for stdout and stderr: one logger for both.
+    let mut logger: Option<(Option<std::fs::File>, Option<std::fs::File>)> = None;
     for (which, path) in [
         (StdioStream::Stdout, &paths.stdout),
         (StdioStream::Stderr, &paths.stderr),
@@ -136,9 +281,25 @@ pub async fn connect(
         if path.is_empty() {
             continue;
         }
-        let mut out = open_output(Path::new(path))
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("opening {path}: {e}")))?;
+        let mut out: Box<dyn AsyncWrite + Send + Unpin> = match parse_output(path)? {
+            OutputTarget::Path(p) => open_output(&p)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("opening {path}: {e}")))?,
+            OutputTarget::Binary { program, args } => {
+                if logger.is_none() {
+                    let (o, e) =
+                        start_binary_logger(&program, &args, container_id, namespace).await?;
+                    logger = Some((Some(o), Some(e)));
+                }
+                let slot = match (which, logger.as_mut()) {
+                    (StdioStream::Stdout, Some(l)) => l.0.take(),
+                    (_, Some(l)) => l.1.take(),
+                    (_, None) => None,
+                };
+                let file = slot.ok_or_else(|| io::Error::other("logger pipe already used"))?;
+                Box::new(tokio::net::unix::pipe::Sender::from_file(file)?)
+            }
+        };
         let mut stream = open_stream(transport, port, container_id, exec_id, which, limit)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{} stream: {e}", which.as_str())))?;
@@ -163,7 +324,8 @@ pub async fn connect(
         )
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("stdin stream: {e}")))?;
-        let path = PathBuf::from(&paths.stdin);
+        let path = PathBuf::from(paths.stdin.strip_prefix("file://").unwrap_or(&paths.stdin));
+        pumps.stdin_fifo = Some(path.clone());
         pumps.stdin = Some(tokio::spawn(async move {
             let mut input = open_input(path).await?;
             let n = tokio::io::copy(&mut input, &mut stream).await?;
@@ -173,4 +335,74 @@ pub async fn connect(
         }));
     }
     Ok(pumps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_containerd_output_targets() {
+        assert_eq!(
+            parse_output("/run/containerd/fifo/1-stdout").unwrap(),
+            OutputTarget::Path("/run/containerd/fifo/1-stdout".into())
+        );
+        assert_eq!(
+            parse_output("file:///var/log/c.log").unwrap(),
+            OutputTarget::Path("/var/log/c.log".into())
+        );
+        assert_eq!(
+            parse_output("binary:///usr/bin/logger?tag=x&verbose").unwrap(),
+            OutputTarget::Binary {
+                program: "/usr/bin/logger".into(),
+                args: vec![
+                    ("tag".into(), "x".into()),
+                    ("verbose".into(), String::new())
+                ]
+            }
+        );
+        assert!(parse_output("binary://relative").is_err());
+        assert!(parse_output("relative/path").is_err());
+    }
+
+    #[tokio::test]
+    async fn binary_logger_gets_both_streams_and_signals_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("log");
+        // A logger in sh: reports ready by closing fd 5, then copies fd 3 and fd 4.
+        let script = dir.path().join("logger.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nexec 5>&-\ncat <&3 >{0}.out\ncat <&4 >{0}.err\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (o, e) = start_binary_logger(&script, &[], "c1", "default")
+            .await
+            .unwrap();
+        use std::io::Write;
+        (&o).write_all(b"to stdout").unwrap();
+        (&e).write_all(b"to stderr").unwrap();
+        drop((o, e));
+        for _ in 0..100 {
+            if std::fs::read_to_string(dir.path().join("log.err")).unwrap_or_default()
+                == "to stderr"
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("log.out")).unwrap(),
+            "to stdout"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("log.err")).unwrap(),
+            "to stderr"
+        );
+    }
 }

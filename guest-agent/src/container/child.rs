@@ -1,0 +1,776 @@
+//! container-init: the agent binary re-executed as PID 1 of a new container's namespaces
+//! (`spinbox-agent __container-init`). It is a fresh single-threaded process, so it may do the
+//! whole OCI setup in plain Rust: mounts inside the root, pivot_root, masked and read-only
+//! paths, hostname, rlimits, user and groups, capabilities. Then it reports READY on the
+//! status fd, waits for the start byte and execve()s the container's process.
+//!
+//! Status protocol on fd 5 (close-on-exec): `READY\n` once set up; `ERROR <message>\n` on any
+//! failure (then exit 127). EOF after READY with no ERROR means the execve succeeded.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Read as _;
+use std::os::fd::FromRawFd as _;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::{symlink, DirBuilderExt as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::unistd::{chdir, pivot_root, Gid, Uid};
+
+use super::caps;
+use super::launch::{FD_CONFIG, FD_START, FD_STATUS};
+use super::spec::{DevicePlan, InitConfig, MountPlan};
+
+/// PATH when the process environment has none (runc's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Entry point; never returns.
+pub fn main() -> ! {
+    std::panic::set_hook(Box::new(|info| {
+        report_error(&format!("container-init panicked: {info}"));
+        // SAFETY: _exit ends the process without running anything else.
+        unsafe { libc::_exit(127) }
+    }));
+    if let Err(e) = run() {
+        report_error(&format!("{e:#}"));
+        std::process::exit(127);
+    }
+    // run() only returns Ok when the start pipe closed without a start byte: the container
+    // was removed before it started.
+    std::process::exit(0)
+}
+
+fn report_error(msg: &str) {
+    // Keep it under PIPE_BUF so the agent reads it in one piece.
+    let mut msg = msg.replace('\n', " ");
+    if msg.len() > 3800 {
+        let mut cut = 3800;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+    }
+    let _ = write_status(format!("ERROR {msg}\n").as_bytes());
+}
+
+fn run() -> Result<()> {
+    // Nothing of the agent's beyond fds 0-5 may reach the container.
+    // SAFETY: close_range on a range of fds this process does not use.
+    if unsafe { libc::syscall(libc::SYS_close_range, FD_STATUS + 1, u32::MAX, 0) } != 0 {
+        close_fds_slowly();
+    }
+    // SAFETY: setting FD_CLOEXEC on our status fd: it must close when the execve succeeds.
+    unsafe { libc::fcntl(FD_STATUS, libc::F_SETFD, libc::FD_CLOEXEC) };
+    reset_signals();
+    // SAFETY: umask cannot fail; 0 so that modes we create are the modes we ask for.
+    unsafe { libc::umask(0) };
+
+    // SAFETY: fd 3 is the config memfd the agent handed over, ours alone.
+    let mut config_file = unsafe { File::from_raw_fd(FD_CONFIG) };
+    let mut json = Vec::new();
+    config_file
+        .read_to_end(&mut json)
+        .context("reading the init config")?;
+    drop(config_file);
+    let cfg: InitConfig = serde_json::from_slice(&json).context("decoding the init config")?;
+    let id = cfg.container_id.clone();
+    setup(&cfg).with_context(|| format!("container {id:?}"))?;
+    let exe = resolve_exec(&cfg).with_context(|| format!("container {id:?}"))?;
+
+    write_status(b"READY\n").context("reporting ready")?;
+    // SAFETY: fd 4 is the start pipe's read end, ours alone.
+    let mut start = unsafe { File::from_raw_fd(FD_START) };
+    let mut byte = [0u8; 1];
+    loop {
+        match start.read(&mut byte) {
+            Ok(0) => return Ok(()),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("waiting for the start signal"),
+        }
+    }
+    drop(start);
+    exec(&cfg, &exe).with_context(|| format!("container {id:?}"))
+}
+
+/// One write of a whole (short) status line; a pipe write of < PIPE_BUF bytes is atomic.
+fn write_status(line: &[u8]) -> std::io::Result<()> {
+    // SAFETY: writing a buffer to the inherited status fd.
+    let n = unsafe { libc::write(FD_STATUS, line.as_ptr().cast(), line.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn close_fds_slowly() {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds {
+        if fd > FD_STATUS {
+            // SAFETY: closing fds inherited from the agent that nothing here uses.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Default dispositions and an empty mask: the agent ignores SIGPIPE (Rust does) and an
+/// ignored signal would stay ignored across execve.
+fn reset_signals() {
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: resetting a disposition to SIG_DFL.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    // SAFETY: an empty, initialised sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+fn flags(bits: u64) -> MsFlags {
+    MsFlags::from_bits_retain(bits)
+}
+
+/// Everything up to (not including) the wait for the start signal.
+fn setup(cfg: &InitConfig) -> Result<()> {
+    if cfg.new_cgroup_ns {
+        // Born in the container's cgroup (CLONE_INTO_CGROUP), so the new namespace is rooted
+        // there.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+            .context("unshare(CLONE_NEWCGROUP)")?;
+    }
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / private")?;
+    let root = Path::new(&cfg.rootfs);
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .with_context(|| format!("bind-mounting the rootfs {}", root.display()))?;
+    if cfg.new_net_ns {
+        loopback_up().context("bringing up lo")?;
+    }
+    for m in &cfg.mounts {
+        mount_one(root, m).with_context(|| {
+            format!(
+                "mount {} ({}) on {}",
+                m.source,
+                display_type(m),
+                m.destination
+            )
+        })?;
+    }
+    if cfg.populate_dev {
+        populate_dev(root).context("populating /dev")?;
+    }
+    for d in &cfg.devices {
+        make_device(root, d).with_context(|| format!("device {}", d.path))?;
+    }
+
+    chdir(root).context("chdir to the rootfs")?;
+    pivot_root(".", ".").context("pivot_root")?;
+    // The old root is now stacked on "."; detach it.
+    umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
+    chdir("/").context("chdir /")?;
+
+    for (key, value) in &cfg.sysctl {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).with_context(|| format!("sysctl {key}={value}"))?;
+    }
+    for p in &cfg.masked_paths {
+        mask_path(p).with_context(|| format!("masking {p}"))?;
+    }
+    for p in &cfg.readonly_paths {
+        readonly_path(p).with_context(|| format!("making {p} read-only"))?;
+    }
+    if cfg.readonly_root {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .context("remounting / read-only")?;
+    }
+    if let Some(h) = &cfg.hostname {
+        nix::unistd::sethostname(h).with_context(|| format!("sethostname {h:?}"))?;
+    }
+    if let Some(d) = &cfg.domainname {
+        // SAFETY: a buffer and its length.
+        if unsafe { libc::setdomainname(d.as_ptr().cast(), d.len()) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("setdomainname {d:?}"));
+        }
+    }
+    for r in &cfg.rlimits {
+        let lim = libc::rlimit {
+            rlim_cur: r.soft,
+            rlim_max: r.hard,
+        };
+        // SAFETY: a valid rlimit struct; the resource number was checked by the agent.
+        if unsafe { libc::setrlimit(r.resource as _, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("setrlimit({}, {}, {})", r.resource, r.soft, r.hard));
+        }
+    }
+    if let Some(adj) = cfg.oom_score_adj {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .with_context(|| format!("oom_score_adj {adj}"))?;
+    }
+
+    // Working directory: before the user switch (root can enter anything), and again after
+    // when that failed (a path only the user may enter, e.g. on a root-squashed mount).
+    let cwd_first = chdir(cfg.cwd.as_str());
+    if let Some(c) = &cfg.capabilities {
+        caps::apply_bounding(c)?;
+    }
+    switch_user(cfg)?;
+    if let Err(first) = cwd_first {
+        chdir(cfg.cwd.as_str())
+            .map_err(|e| if e == Errno::ENOENT { first } else { e })
+            .with_context(|| format!("chdir to process.cwd {:?}", cfg.cwd))?;
+    }
+    if cfg.no_new_privileges {
+        caps::set_no_new_privs()?;
+    }
+    Ok(())
+}
+
+fn display_type(m: &MountPlan) -> &str {
+    if m.is_bind() {
+        "bind"
+    } else {
+        &m.fstype
+    }
+}
+
+/// `root` + an absolute container path, refusing to leave the root through symlinks.
+fn resolve_in_root(root: &Path, dest: &str) -> Result<PathBuf> {
+    let mut p = root.to_path_buf();
+    for comp in dest.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        if comp == ".." {
+            bail!("{dest:?} contains \"..\"");
+        }
+        p.push(comp);
+        if let Ok(meta) = std::fs::symlink_metadata(&p) {
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&p)?;
+                let resolved = if target.is_absolute() {
+                    root.join(target.strip_prefix("/").unwrap_or(&target))
+                } else {
+                    p.parent().unwrap_or(root).join(target)
+                };
+                let resolved = resolved.canonicalize().unwrap_or_else(|_| resolved.clone());
+                if !resolved.starts_with(root) {
+                    bail!("{dest:?} leaves the container root through a symlink");
+                }
+                p = resolved;
+            }
+        }
+    }
+    Ok(p)
+}
+
+fn mkdir_all(p: &Path, mode: u32) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(p)
+        .with_context(|| format!("mkdir {}", p.display()))
+}
+
+/// Creates the mount point: a file for a bind of a non-directory, else a directory.
+fn make_mount_point(target: &Path, file: bool) -> Result<()> {
+    if target.exists() {
+        return Ok(());
+    }
+    if file {
+        if let Some(parent) = target.parent() {
+            mkdir_all(parent, 0o755)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        Ok(())
+    } else {
+        mkdir_all(target, 0o755)
+    }
+}
+
+fn mount_one(root: &Path, m: &MountPlan) -> Result<()> {
+    let target = resolve_in_root(root, &m.destination)?;
+    let bits = flags(m.flags);
+    if m.is_bind() {
+        let source_is_dir = Path::new(&m.source).is_dir();
+        make_mount_point(&target, !source_is_dir)?;
+        mount(
+            Some(m.source.as_str()),
+            &target,
+            None::<&str>,
+            bits & (MsFlags::MS_BIND | MsFlags::MS_REC),
+            None::<&str>,
+        )?;
+        // Flags other than bind/rec need a remount of the bind.
+        let rest = bits & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
+        if !rest.is_empty() {
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                None::<&str>,
+            )
+            .context("remounting the bind with its flags")?;
+        }
+    } else {
+        make_mount_point(&target, false)?;
+        let data = (!m.data.is_empty()).then_some(m.data.as_str());
+        mount(
+            Some(m.source.as_str()),
+            &target,
+            Some(m.fstype.as_str()),
+            bits,
+            data,
+        )?;
+    }
+    if m.propagation != 0 {
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            flags(m.propagation),
+            None::<&str>,
+        )
+        .context("setting propagation")?;
+    }
+    Ok(())
+}
+
+/// The standard device nodes, as runc makes them.
+const STD_DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+fn populate_dev(root: &Path) -> Result<()> {
+    let dev = resolve_in_root(root, "/dev")?;
+    for (name, major, minor) in STD_DEVICES {
+        make_node(&dev.join(name), libc::S_IFCHR, *major, *minor, 0o666, 0, 0)?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        match symlink(target, dev.join(link)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("symlink /dev/{link}")),
+        }
+    }
+    if Path::new("/proc/kcore").exists() {
+        let _ = symlink("/proc/kcore", dev.join("core"));
+    }
+    Ok(())
+}
+
+fn make_device(root: &Path, d: &DevicePlan) -> Result<()> {
+    let path = resolve_in_root(root, &d.path)?;
+    if let Some(parent) = path.parent() {
+        mkdir_all(parent, 0o755)?;
+    }
+    make_node(&path, d.kind, d.major, d.minor, d.mode, d.uid, d.gid)
+}
+
+/// mknod, or (where that is refused) a bind of the guest's node with the same name.
+fn make_node(
+    path: &Path,
+    kind: u32,
+    major: u64,
+    minor: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let _ = std::fs::remove_file(path);
+    // SAFETY: a NUL-terminated path, mode and device number.
+    let rc = unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            kind | mode,
+            libc::makedev(major as u32, minor as u32),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        let guest = Path::new("/dev").join(path.file_name().unwrap_or_default());
+        if err.raw_os_error() != Some(libc::EPERM) || !guest.exists() {
+            return Err(err).with_context(|| format!("mknod {}", path.display()));
+        }
+        make_mount_point(path, true)?;
+        mount(
+            Some(&guest),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("binding {} on {}", guest.display(), path.display()))?;
+        return Ok(());
+    }
+    nix::unistd::chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        .with_context(|| format!("chown {}", path.display()))?;
+    Ok(())
+}
+
+fn mask_path(p: &str) -> Result<()> {
+    let meta = match std::fs::metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            p,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            Some("size=0k"),
+        )?;
+    } else {
+        mount(
+            Some("/dev/null"),
+            p,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+    }
+    Ok(())
+}
+
+/// The MS_* flags a mount already has (a bind remount must keep the locked ones).
+fn current_flags(p: &str) -> Result<MsFlags> {
+    let st = nix::sys::statvfs::statvfs(p)?;
+    let f = st.flags();
+    use nix::sys::statvfs::FsFlags;
+    let mut out = MsFlags::empty();
+    for (fs, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(fs) {
+            out |= ms;
+        }
+    }
+    Ok(out)
+}
+
+fn readonly_path(p: &str) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    mount(
+        Some(p),
+        p,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    let keep = current_flags(p)?;
+    mount(
+        None::<&str>,
+        p,
+        None::<&str>,
+        keep | MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
+fn loopback_up() -> Result<()> {
+    // SAFETY: socket(2) returns a new fd or -1.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fresh fd.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: ifreq is plain old data.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS with a valid ifreq.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    Ok(())
+}
+
+/// Groups, gid, uid, with capabilities carried over the uid change and then set as the spec
+/// says. The supplementary groups are exactly `additionalGids`, as runc sets them (the primary
+/// gid is not added).
+fn switch_user(cfg: &InitConfig) -> Result<()> {
+    let groups: Vec<Gid> = cfg
+        .additional_gids
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
+    if cfg.capabilities.is_some() {
+        caps::set_keepcaps(true)?;
+    }
+    nix::unistd::setgroups(&groups).context("setgroups")?;
+    nix::unistd::setresgid(
+        Gid::from_raw(cfg.gid),
+        Gid::from_raw(cfg.gid),
+        Gid::from_raw(cfg.gid),
+    )
+    .with_context(|| format!("setgid {}", cfg.gid))?;
+    nix::unistd::setresuid(
+        Uid::from_raw(cfg.uid),
+        Uid::from_raw(cfg.uid),
+        Uid::from_raw(cfg.uid),
+    )
+    .with_context(|| format!("setuid {}", cfg.uid))?;
+    if let Some(c) = &cfg.capabilities {
+        caps::set_keepcaps(false)?;
+        caps::apply_sets(c)?;
+    }
+    Ok(())
+}
+
+/// The value of `key` in an environment list.
+fn env_get<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
+    env.iter()
+        .rev()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Resolves `program` the way execvp does: a name with a '/' is taken as is; otherwise the
+/// first executable file in `path`. `is_exec` checks a candidate.
+pub fn resolve_program(
+    program: &str,
+    path: &str,
+    is_exec: &dyn Fn(&Path) -> std::io::Result<()>,
+) -> Result<PathBuf> {
+    if program.is_empty() {
+        bail!("exec \"\": empty program name");
+    }
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return match is_exec(&p) {
+            Ok(()) => Ok(p),
+            Err(e) => Err(anyhow::anyhow!("exec {program:?}: {}", io_text(&e))),
+        };
+    }
+    let mut first_err = None;
+    for dir in path.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = Path::new(dir).join(program);
+        match is_exec(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {}
+        }
+    }
+    match first_err {
+        Some(e) => bail!("exec {program:?}: {}", io_text(&e)),
+        None => bail!("exec {program:?}: executable file not found in $PATH"),
+    }
+}
+
+/// An io::Error's text without the " (os error N)" suffix.
+fn io_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// A regular file we may execute.
+fn is_executable(p: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(p)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::from_raw_os_error(libc::EACCES));
+    }
+    let c = CString::new(p.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn resolve_exec(cfg: &InitConfig) -> Result<PathBuf> {
+    let program = cfg.args.first().map(String::as_str).unwrap_or("");
+    let path = env_get(&cfg.env, "PATH").unwrap_or(DEFAULT_PATH);
+    resolve_program(program, path, &is_executable)
+}
+
+/// `HOME` from /etc/passwd when the environment has none (as runc does).
+fn home_for(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 6 && f[2].parse::<u32>().ok() == Some(uid) && !f[5].is_empty() {
+            return f[5].to_string();
+        }
+    }
+    "/".to_string()
+}
+
+fn exec(cfg: &InitConfig, exe: &Path) -> Result<()> {
+    let mut env = cfg.env.clone();
+    if env_get(&env, "HOME").is_none() {
+        env.push(format!("HOME={}", home_for(cfg.uid)));
+    }
+    let path = CString::new(exe.as_os_str().as_bytes()).context("program path")?;
+    let argv: Vec<CString> = cfg
+        .args
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("process.args contains a NUL byte")?;
+    let envp: Vec<CString> = env
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("process.env contains a NUL byte")?;
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(cfg.umask as libc::mode_t) };
+    let err = match nix::unistd::execve(&path, &argv, &envp) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    bail!("exec {:?}: {}", cfg.args[0], err.desc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_fs(p: &Path) -> std::io::Result<()> {
+        match p.to_str().unwrap_or("") {
+            "/bin/sh" | "/usr/bin/env" | "./local" => Ok(()),
+            "/usr/bin/noexec" => Err(std::io::Error::from_raw_os_error(libc::EACCES)),
+            _ => Err(std::io::Error::from_raw_os_error(libc::ENOENT)),
+        }
+    }
+
+    #[test]
+    fn path_resolution() {
+        let path = "/usr/local/bin:/usr/bin:/bin";
+        assert_eq!(
+            resolve_program("sh", path, &fake_fs).unwrap(),
+            Path::new("/bin/sh")
+        );
+        assert_eq!(
+            resolve_program("env", path, &fake_fs).unwrap(),
+            Path::new("/usr/bin/env")
+        );
+        assert_eq!(
+            resolve_program("/bin/sh", "", &fake_fs).unwrap(),
+            Path::new("/bin/sh")
+        );
+        assert_eq!(
+            resolve_program("local", "", &fake_fs).unwrap(),
+            Path::new("./local")
+        );
+        let e = resolve_program("/bin/nope", path, &fake_fs)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "exec \"/bin/nope\": No such file or directory");
+        let e = resolve_program("nope", path, &fake_fs)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "exec \"nope\": executable file not found in $PATH");
+        let e = resolve_program("noexec", path, &fake_fs)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "exec \"noexec\": Permission denied");
+        assert!(resolve_program("", path, &fake_fs).is_err());
+    }
+
+    #[test]
+    fn env_lookup() {
+        let env = vec![
+            "PATH=/a".to_string(),
+            "PATHX=/b".to_string(),
+            "HOME=/h".to_string(),
+        ];
+        assert_eq!(env_get(&env, "PATH"), Some("/a"));
+        assert_eq!(env_get(&env, "HOME"), Some("/h"));
+        assert_eq!(env_get(&env, "NOPE"), None);
+    }
+
+    #[test]
+    fn root_resolution_stays_inside() {
+        let dir = std::env::temp_dir().join(format!("spinbox-child-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        symlink("/real", dir.join("abs")).unwrap();
+        symlink("../../..", dir.join("escape")).unwrap();
+        let root = dir.canonicalize().unwrap();
+        assert_eq!(
+            resolve_in_root(&root, "/abs/x").unwrap(),
+            root.join("real/x")
+        );
+        assert_eq!(
+            resolve_in_root(&root, "/plain/y").unwrap(),
+            root.join("plain/y")
+        );
+        assert!(resolve_in_root(&root, "/escape/z").is_err());
+        assert!(resolve_in_root(&root, "/a/../b").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,196 @@
+//! Starting a container's init: clone3(2) into new namespaces (and straight into the
+//! container's cgroup), then, in the child, only dup2(2) and execve(2) of the agent binary in
+//! its `__container-init` mode. No Rust code runs between clone and exec: the agent is
+//! multithreaded, and the child of a multithreaded process may only make async-signal-safe
+//! calls. Everything the child touches is prepared before the clone.
+
+use std::ffi::CString;
+use std::io::{Seek as _, SeekFrom, Write as _};
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+
+use anyhow::{Context as _, Result};
+
+use crate::reaper::{self, ExitInfo};
+
+/// argv[1] that makes the agent binary run as a container's init.
+pub const CONTAINER_INIT_ARG: &str = "__container-init";
+
+/// The fds container-init finds open, by number.
+pub const FD_CONFIG: RawFd = 3;
+pub const FD_START: RawFd = 4;
+pub const FD_STATUS: RawFd = 5;
+/// Number of fds handed over: 0, 1, 2, config, start, status.
+const HANDED_FDS: usize = 6;
+
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// What the child gets, each as the fd it becomes.
+pub struct ChildFds {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    pub start: OwnedFd,
+    pub status: OwnedFd,
+}
+
+pub struct Launched {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub exit: tokio::sync::oneshot::Receiver<ExitInfo>,
+}
+
+/// `struct clone_args` (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+fn memfd_with(data: &[u8]) -> Result<OwnedFd> {
+    // SAFETY: a NUL-terminated name and flags; returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"spinbox-init-config".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("memfd_create");
+    }
+    // SAFETY: fd is a fresh fd we own.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all(data).context("writing the init config")?;
+    file.seek(SeekFrom::Start(0))
+        .context("rewinding the init config")?;
+    Ok(file.into())
+}
+
+/// A close-on-exec duplicate numbered >= 10, so that dup2 onto 0..5 in the child can never
+/// overwrite another source fd.
+fn high_dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd or -1.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error()).context("F_DUPFD_CLOEXEC");
+    }
+    // SAFETY: `new` is a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Clones the container's init and registers it with the reaper. `namespaces` are CLONE_NEW*
+/// flags; `cgroup` the container's cgroup directory.
+pub fn spawn(
+    config_json: &[u8],
+    fds: ChildFds,
+    namespaces: u64,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> Result<Launched> {
+    let config = memfd_with(config_json)?;
+    let sources = [
+        high_dup(fds.stdin.as_fd_ref())?,
+        high_dup(fds.stdout.as_fd_ref())?,
+        high_dup(fds.stderr.as_fd_ref())?,
+        high_dup(config.as_fd_ref())?,
+        high_dup(fds.start.as_fd_ref())?,
+        high_dup(fds.status.as_fd_ref())?,
+    ];
+    let raw: [RawFd; HANDED_FDS] = [
+        sources[0].as_raw_fd(),
+        sources[1].as_raw_fd(),
+        sources[2].as_raw_fd(),
+        sources[3].as_raw_fd(),
+        sources[4].as_raw_fd(),
+        sources[5].as_raw_fd(),
+    ];
+    let exe = c"/proc/self/exe";
+    let arg0 = c"spinbox-agent";
+    let arg1 = CString::new(CONTAINER_INIT_ARG).context("argv")?;
+    let argv: [*const libc::c_char; 3] = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: namespaces | CLONE_PIDFD,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    if let Some(cg) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = u64::try_from(cg.as_raw_fd()).context("cgroup fd")?;
+    }
+
+    let (pid, (), exit) = reaper::spawn_registered(|| {
+        // SAFETY: clone3 with no stack behaves like fork: the child continues here on a copy
+        // of this thread's stack. From then on the child only calls dup2, execve and _exit,
+        // all async-signal-safe, on memory prepared above.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if rc == 0 {
+            // The child.
+            for (target, src) in raw.iter().enumerate() {
+                // SAFETY: plain syscalls on fds that exist; target < 6 <= 10 <= src.
+                if unsafe { libc::dup2(*src, target as libc::c_int) } < 0 {
+                    unsafe { libc::_exit(126) };
+                }
+            }
+            // SAFETY: NUL-terminated strings and NULL-terminated arrays, prepared before the
+            // clone. execve only returns on failure.
+            unsafe {
+                libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                libc::_exit(127);
+            }
+        }
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pid =
+            i32::try_from(rc).map_err(|_| std::io::Error::other("clone3: pid out of range"))?;
+        Ok((pid, ()))
+    })
+    .context("clone3 (new namespaces, into the container cgroup)")?;
+    drop(sources);
+    // SAFETY: with CLONE_PIDFD the kernel stored a new (close-on-exec) pidfd here.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Launched { pid, pidfd, exit })
+}
+
+/// Small helper: `OwnedFd` -> `BorrowedFd` without importing AsFd everywhere.
+trait AsFdRef {
+    fn as_fd_ref(&self) -> BorrowedFd<'_>;
+}
+
+impl AsFdRef for OwnedFd {
+    fn as_fd_ref(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self)
+    }
+}
+
+/// Sends a signal through a pidfd (no pid-reuse race). ESRCH once the process was reaped.
+pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal(pidfd, sig, NULL, 0).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,785 @@
+//! The part of the OCI runtime spec (config.json) the agent honours, and its translation into
+//! the plain [`InitConfig`] the container-init process executes plus what the agent itself
+//! needs (namespaces, cgroup limits).
+//!
+//! Everything that can be checked without touching the system is checked here, so a bad spec
+//! fails `CreateContainer` with a message naming the field instead of failing half-way through
+//! the container's setup.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use super::caps;
+use super::cgroup;
+
+// ---------------------------------------------------------------------------------------------
+// The OCI spec subset (runtime-spec 1.x field names).
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Spec {
+    pub process: Option<Process>,
+    pub root: Option<Root>,
+    pub hostname: Option<String>,
+    pub domainname: Option<String>,
+    pub mounts: Vec<Mount>,
+    pub linux: Option<Linux>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Process {
+    pub terminal: bool,
+    pub user: User,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub capabilities: Option<Capabilities>,
+    pub rlimits: Vec<Rlimit>,
+    pub no_new_privileges: bool,
+    pub oom_score_adj: Option<i32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: Option<u32>,
+    pub additional_gids: Vec<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Capabilities {
+    pub bounding: Vec<String>,
+    pub effective: Vec<String>,
+    pub inheritable: Vec<String>,
+    pub permitted: Vec<String>,
+    pub ambient: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Rlimit {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub hard: u64,
+    pub soft: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Root {
+    pub path: String,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Mount {
+    pub destination: String,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub source: Option<String>,
+    pub options: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Linux {
+    pub namespaces: Vec<Namespace>,
+    pub uid_mappings: Vec<serde_json::Value>,
+    pub resources: Option<Resources>,
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
+    pub sysctl: BTreeMap<String, String>,
+    pub devices: Vec<Device>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Namespace {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Resources {
+    pub memory: Option<Memory>,
+    pub cpu: Option<Cpu>,
+    pub pids: Option<Pids>,
+    pub unified: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Memory {
+    pub limit: Option<i64>,
+    pub reservation: Option<i64>,
+    pub swap: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Cpu {
+    pub shares: Option<u64>,
+    pub quota: Option<i64>,
+    pub period: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Pids {
+    pub limit: i64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Device {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: String,
+    pub major: i64,
+    pub minor: i64,
+    pub file_mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// What container-init executes (sent to it as JSON on an inherited fd).
+
+/// One mount inside the container's root, with its options already decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountPlan {
+    /// Absolute path inside the container.
+    pub destination: String,
+    pub source: String,
+    /// Filesystem type for mount(2); empty for a bind mount.
+    pub fstype: String,
+    /// MS_* flags (MS_BIND and MS_REC included for binds).
+    pub flags: u64,
+    /// MS_PRIVATE / MS_SLAVE / ... (| MS_REC), applied after the mount; 0 for none.
+    pub propagation: u64,
+    /// Filesystem-specific options (`mode=755,size=65536k`).
+    pub data: String,
+}
+
+impl MountPlan {
+    pub fn is_bind(&self) -> bool {
+        self.flags & libc::MS_BIND != 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePlan {
+    pub path: String,
+    /// S_IFCHR, S_IFBLK or S_IFIFO.
+    pub kind: u32,
+    pub major: u64,
+    pub minor: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RlimitPlan {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Capability numbers per set. `None` in [`InitConfig::capabilities`] leaves the sets alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapsPlan {
+    pub bounding: Vec<u8>,
+    pub effective: Vec<u8>,
+    pub permitted: Vec<u8>,
+    pub inheritable: Vec<u8>,
+    pub ambient: Vec<u8>,
+}
+
+/// Everything container-init needs, in the order it uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitConfig {
+    pub container_id: String,
+    /// The assembled root filesystem, as a path in the agent's mount namespace.
+    pub rootfs: String,
+    pub readonly_root: bool,
+    pub new_cgroup_ns: bool,
+    pub new_net_ns: bool,
+    pub hostname: Option<String>,
+    pub domainname: Option<String>,
+    pub mounts: Vec<MountPlan>,
+    /// Whether a /dev was mounted from the spec: then the standard device nodes and links
+    /// are created in it.
+    pub populate_dev: bool,
+    pub devices: Vec<DevicePlan>,
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
+    pub sysctl: Vec<(String, String)>,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub umask: u32,
+    pub rlimits: Vec<RlimitPlan>,
+    pub no_new_privileges: bool,
+    pub capabilities: Option<CapsPlan>,
+    pub oom_score_adj: Option<i32>,
+}
+
+/// What the agent does with a spec: the init config plus the agent-side parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPlan {
+    pub init: InitConfig,
+    /// cgroup v2 files to write in the container's cgroup, in order.
+    pub cgroup_limits: Vec<(String, String)>,
+    /// Things that were ignored, for the log.
+    pub warnings: Vec<String>,
+}
+
+/// Parses the bundle's config.json.
+pub fn parse_spec(json: &[u8]) -> Result<Spec> {
+    serde_json::from_slice(json).context("parsing the OCI spec (config.json)")
+}
+
+/// Translates a spec into a plan. `rootfs` is where the agent mounted the root; `rootfs_ro`
+/// is the host's request to make it read-only; `source_exists` tells whether a bind mount's
+/// source exists in the guest (host-only sources are skipped with a warning).
+pub fn plan(
+    container_id: &str,
+    spec: &Spec,
+    rootfs: &str,
+    rootfs_ro: bool,
+    source_exists: &dyn Fn(&str) -> bool,
+) -> Result<ContainerPlan> {
+    let mut warnings = Vec::new();
+    let process = spec
+        .process
+        .as_ref()
+        .context("the spec has no \"process\"")?;
+    if process.terminal {
+        bail!("terminal (TTY) containers are not supported yet");
+    }
+    if process.args.is_empty() {
+        bail!("process.args is empty: nothing to run");
+    }
+    let cwd = if process.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        process.cwd.clone()
+    };
+    if !cwd.starts_with('/') {
+        bail!("process.cwd {cwd:?} is not an absolute path");
+    }
+    let empty_linux = Linux::default();
+    let linux = spec.linux.as_ref().unwrap_or(&empty_linux);
+    if !linux.uid_mappings.is_empty() {
+        bail!("user namespaces (linux.uidMappings) are not supported yet");
+    }
+
+    let mut new_cgroup_ns = false;
+    let mut new_net_ns = false;
+    for ns in &linux.namespaces {
+        let joins = ns.path.as_deref().is_some_and(|p| !p.is_empty());
+        match ns.kind.as_str() {
+            // Always new: the container is PID 1 of its own pid namespace, with its own mounts,
+            // hostname and IPC.
+            "pid" | "mount" | "uts" | "ipc" => {
+                if joins {
+                    warnings.push(format!(
+                        "linux.namespaces: {} namespace path {:?} ignored (the container gets a new one)",
+                        ns.kind,
+                        ns.path.as_deref().unwrap_or("")
+                    ));
+                }
+            }
+            "network" => {
+                if joins {
+                    // A host network namespace means nothing inside the VM: share the guest's.
+                    warnings.push(format!(
+                        "linux.namespaces: network namespace path {:?} is the host's; the container shares the guest's network",
+                        ns.path.as_deref().unwrap_or("")
+                    ));
+                } else {
+                    new_net_ns = true;
+                }
+            }
+            "cgroup" => new_cgroup_ns = !joins,
+            "user" => bail!("user namespaces are not supported yet"),
+            "time" => warnings.push("linux.namespaces: time namespace ignored".to_string()),
+            other => bail!("linux.namespaces: unknown namespace type {other:?}"),
+        }
+    }
+
+    let mut mounts = Vec::new();
+    let mut populate_dev = false;
+    for (i, m) in spec.mounts.iter().enumerate() {
+        if !m.destination.starts_with('/') {
+            bail!(
+                "mounts[{i}]: destination {:?} is not an absolute path",
+                m.destination
+            );
+        }
+        if m.destination.split('/').any(|c| c == "..") {
+            bail!(
+                "mounts[{i}]: destination {:?} contains \"..\"",
+                m.destination
+            );
+        }
+        let plan = mount_plan(m).with_context(|| format!("mounts[{i}] ({})", m.destination))?;
+        if plan.is_bind() && !source_exists(&plan.source) {
+            warnings.push(format!(
+                "mount {}: bind source {:?} does not exist in the guest; skipped",
+                m.destination, plan.source
+            ));
+            continue;
+        }
+        if clean_path(&m.destination) == "/dev" && !plan.is_bind() {
+            populate_dev = true;
+        }
+        mounts.push(plan);
+    }
+
+    let mut devices = Vec::new();
+    for d in &linux.devices {
+        devices.push(device_plan(d)?);
+    }
+
+    let mut rlimits = Vec::new();
+    for r in &process.rlimits {
+        let resource =
+            rlimit_resource(&r.kind).with_context(|| format!("process.rlimits: {:?}", r.kind))?;
+        if r.soft > r.hard {
+            bail!(
+                "process.rlimits: {} soft limit {} exceeds hard limit {}",
+                r.kind,
+                r.soft,
+                r.hard
+            );
+        }
+        rlimits.push(RlimitPlan {
+            resource,
+            soft: r.soft,
+            hard: r.hard,
+        });
+    }
+
+    let capabilities = process.capabilities.as_ref().map(|c| {
+        let mut set = |names: &[String], which: &str| {
+            let mut out = Vec::new();
+            for name in names {
+                match caps::from_name(name) {
+                    Some(n) => out.push(n),
+                    None => warnings.push(format!(
+                        "process.capabilities.{which}: unknown capability {name:?} ignored"
+                    )),
+                }
+            }
+            out
+        };
+        CapsPlan {
+            bounding: set(&c.bounding, "bounding"),
+            effective: set(&c.effective, "effective"),
+            permitted: set(&c.permitted, "permitted"),
+            inheritable: set(&c.inheritable, "inheritable"),
+            ambient: set(&c.ambient, "ambient"),
+        }
+    });
+
+    for key in linux.sysctl.keys() {
+        if key.is_empty() || key.split(['.', '/']).any(|c| c.is_empty() || c == "..") {
+            bail!("linux.sysctl: bad key {key:?}");
+        }
+    }
+
+    let cgroup_limits = match &linux.resources {
+        Some(r) => cgroup::limits(r).context("linux.resources")?,
+        None => Vec::new(),
+    };
+
+    let init = InitConfig {
+        container_id: container_id.to_string(),
+        rootfs: rootfs.to_string(),
+        readonly_root: rootfs_ro || spec.root.as_ref().is_some_and(|r| r.readonly),
+        new_cgroup_ns,
+        new_net_ns,
+        hostname: spec.hostname.clone().filter(|h| !h.is_empty()),
+        domainname: spec.domainname.clone().filter(|h| !h.is_empty()),
+        mounts,
+        populate_dev,
+        devices,
+        masked_paths: linux.masked_paths.clone(),
+        readonly_paths: linux.readonly_paths.clone(),
+        sysctl: linux
+            .sysctl
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        args: process.args.clone(),
+        env: process.env.clone(),
+        cwd,
+        uid: process.user.uid,
+        gid: process.user.gid,
+        additional_gids: process.user.additional_gids.clone(),
+        umask: process.user.umask.unwrap_or(0o022),
+        rlimits,
+        no_new_privileges: process.no_new_privileges,
+        capabilities,
+        oom_score_adj: process.oom_score_adj,
+    };
+    Ok(ContainerPlan {
+        init,
+        cgroup_limits,
+        warnings,
+    })
+}
+
+/// `/a//b/` -> `/a/b`.
+pub fn clean_path(p: &str) -> String {
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
+/// How one mount option acts on the flags.
+enum Opt {
+    Set(u64),
+    Clear(u64),
+    Propagation(u64),
+    Ignore,
+}
+
+fn mount_option(name: &str) -> Option<Opt> {
+    use libc::*;
+    Some(match name {
+        "defaults" => Opt::Set(0),
+        "ro" => Opt::Set(MS_RDONLY),
+        "rw" => Opt::Clear(MS_RDONLY),
+        "nosuid" => Opt::Set(MS_NOSUID),
+        "suid" => Opt::Clear(MS_NOSUID),
+        "nodev" => Opt::Set(MS_NODEV),
+        "dev" => Opt::Clear(MS_NODEV),
+        "noexec" => Opt::Set(MS_NOEXEC),
+        "exec" => Opt::Clear(MS_NOEXEC),
+        "sync" => Opt::Set(MS_SYNCHRONOUS),
+        "async" => Opt::Clear(MS_SYNCHRONOUS),
+        "dirsync" => Opt::Set(MS_DIRSYNC),
+        "remount" => Opt::Set(MS_REMOUNT),
+        "mand" => Opt::Set(MS_MANDLOCK),
+        "nomand" => Opt::Clear(MS_MANDLOCK),
+        "atime" => Opt::Clear(MS_NOATIME),
+        "noatime" => Opt::Set(MS_NOATIME),
+        "diratime" => Opt::Clear(MS_NODIRATIME),
+        "nodiratime" => Opt::Set(MS_NODIRATIME),
+        "relatime" => Opt::Set(MS_RELATIME),
+        "norelatime" => Opt::Clear(MS_RELATIME),
+        "strictatime" => Opt::Set(MS_STRICTATIME),
+        "nostrictatime" => Opt::Clear(MS_STRICTATIME),
+        "nosymfollow" => Opt::Set(MS_NOSYMFOLLOW),
+        "bind" => Opt::Set(MS_BIND),
+        "rbind" => Opt::Set(MS_BIND | MS_REC),
+        "private" => Opt::Propagation(MS_PRIVATE),
+        "rprivate" => Opt::Propagation(MS_PRIVATE | MS_REC),
+        "shared" => Opt::Propagation(MS_SHARED),
+        "rshared" => Opt::Propagation(MS_SHARED | MS_REC),
+        "slave" => Opt::Propagation(MS_SLAVE),
+        "rslave" => Opt::Propagation(MS_SLAVE | MS_REC),
+        "unbindable" => Opt::Propagation(MS_UNBINDABLE),
+        "runbindable" => Opt::Propagation(MS_UNBINDABLE | MS_REC),
+        // runc extensions that need no action here.
+        "tmpcopyup" | "rro" | "rrw" => Opt::Ignore,
+        _ => return None,
+    })
+}
+
+/// Decodes one spec mount: flags, propagation and data from its options.
+pub fn mount_plan(m: &Mount) -> Result<MountPlan> {
+    let kind = m.kind.clone().unwrap_or_default();
+    let mut flags = 0u64;
+    let mut propagation = 0u64;
+    let mut data = Vec::new();
+    for o in &m.options {
+        match mount_option(o) {
+            Some(Opt::Set(f)) => flags |= f,
+            Some(Opt::Clear(f)) => flags &= !f,
+            Some(Opt::Propagation(p)) => propagation = p,
+            Some(Opt::Ignore) => {}
+            None if o.starts_with("idmap") || o.starts_with("ridmap") => {
+                bail!("idmapped mounts are not supported")
+            }
+            None => data.push(o.as_str()),
+        }
+    }
+    if kind == "bind" || kind == "rbind" {
+        flags |= libc::MS_BIND;
+        if kind == "rbind" {
+            flags |= libc::MS_REC;
+        }
+    }
+    let source = m.source.clone().unwrap_or_default();
+    let fstype = if flags & libc::MS_BIND != 0 {
+        if source.is_empty() {
+            bail!("bind mount without a source");
+        }
+        String::new()
+    } else if kind.is_empty() {
+        bail!("mount without a type");
+    } else if kind == "cgroup" {
+        // The guest has the unified hierarchy only.
+        "cgroup2".to_string()
+    } else {
+        kind
+    };
+    let source = if source.is_empty() {
+        fstype.clone()
+    } else {
+        source
+    };
+    Ok(MountPlan {
+        destination: clean_path(&m.destination),
+        source,
+        fstype,
+        flags,
+        propagation,
+        data: data.join(","),
+    })
+}
+
+fn device_plan(d: &Device) -> Result<DevicePlan> {
+    let kind = match d.kind.as_str() {
+        "c" | "u" => libc::S_IFCHR,
+        "b" => libc::S_IFBLK,
+        "p" => libc::S_IFIFO,
+        other => bail!("linux.devices: {}: unknown type {other:?}", d.path),
+    };
+    if !d.path.starts_with("/dev/") || d.path.split('/').any(|c| c == "..") {
+        bail!("linux.devices: {:?} is not a path under /dev", d.path);
+    }
+    let num = |v: i64, what: &str| {
+        u64::try_from(v).with_context(|| format!("linux.devices: {}: bad {what} {v}", d.path))
+    };
+    Ok(DevicePlan {
+        path: clean_path(&d.path),
+        kind,
+        major: num(d.major, "major")?,
+        minor: num(d.minor, "minor")?,
+        mode: d.file_mode.unwrap_or(0o666) & 0o7777,
+        uid: d.uid.unwrap_or(0),
+        gid: d.gid.unwrap_or(0),
+    })
+}
+
+/// `RLIMIT_NOFILE` -> its resource number.
+pub fn rlimit_resource(name: &str) -> Result<u32> {
+    let r = match name {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        _ => bail!("unknown rlimit type"),
+    };
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"{
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 65534, "gid": 65534, "additionalGids": [1234]},
+            "args": ["sh", "-c", "id"],
+            "env": ["PATH=/usr/bin:/bin", "FOO=bar"],
+            "cwd": "/tmp",
+            "capabilities": {
+                "bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_NOPE"],
+                "effective": ["CAP_KILL"],
+                "permitted": ["CAP_CHOWN", "CAP_KILL"]
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "box",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["ro", "nosuid"]},
+            {"destination": "/etc/resolv.conf", "type": "bind",
+             "source": "/var/lib/containerd/x/resolv.conf", "options": ["rbind", "ro"]},
+            {"destination": "/data", "type": "none", "source": "/guest/data",
+             "options": ["bind", "rprivate"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "network", "path": "/var/run/netns/x"},
+                           {"type": "cgroup"}],
+            "resources": {"memory": {"limit": 104857600}, "pids": {"limit": 64},
+                          "cpu": {"quota": 50000, "period": 100000, "shares": 1024}},
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"],
+            "devices": [{"type": "c", "path": "/dev/fuse", "major": 10, "minor": 229, "fileMode": 438}]
+        }
+    }"#;
+
+    fn exists(p: &str) -> bool {
+        p == "/guest/data"
+    }
+
+    #[test]
+    fn full_spec_to_plan() {
+        let spec = parse_spec(SPEC.as_bytes()).unwrap();
+        let plan = plan("c1", &spec, "/run/c1/rootfs", false, &exists).unwrap();
+        let i = &plan.init;
+        assert_eq!(i.args, vec!["sh", "-c", "id"]);
+        assert_eq!(i.cwd, "/tmp");
+        assert_eq!(
+            (i.uid, i.gid, i.additional_gids.clone()),
+            (65534, 65534, vec![1234])
+        );
+        assert_eq!(i.umask, 0o022);
+        assert!(i.readonly_root, "root.readonly");
+        assert!(i.no_new_privileges);
+        assert_eq!(i.hostname.as_deref(), Some("box"));
+        assert!(i.new_cgroup_ns);
+        assert!(!i.new_net_ns, "a host netns path shares the guest's");
+        assert!(i.populate_dev);
+        assert_eq!(
+            i.rlimits,
+            vec![RlimitPlan {
+                resource: libc::RLIMIT_NOFILE,
+                soft: 512,
+                hard: 1024
+            }]
+        );
+        let caps = i.capabilities.as_ref().unwrap();
+        assert_eq!(caps.bounding, vec![0, 5]);
+        assert_eq!(caps.effective, vec![5]);
+        assert!(caps.ambient.is_empty());
+        assert!(plan.warnings.iter().any(|w| w.contains("CAP_NOPE")));
+        assert!(plan.warnings.iter().any(|w| w.contains("resolv.conf")));
+        // resolv.conf skipped; the guest-local bind kept.
+        let dests: Vec<&str> = i.mounts.iter().map(|m| m.destination.as_str()).collect();
+        assert_eq!(
+            dests,
+            vec![
+                "/proc",
+                "/dev",
+                "/dev/pts",
+                "/sys",
+                "/sys/fs/cgroup",
+                "/data"
+            ]
+        );
+        let dev = &i.mounts[1];
+        assert_eq!(dev.fstype, "tmpfs");
+        assert_eq!(dev.flags, libc::MS_NOSUID | libc::MS_STRICTATIME);
+        assert_eq!(dev.data, "mode=755,size=65536k");
+        assert_eq!(
+            i.mounts[2].data,
+            "newinstance,ptmxmode=0666,mode=0620,gid=5"
+        );
+        assert_eq!(i.mounts[4].fstype, "cgroup2");
+        let data = &i.mounts[5];
+        assert!(data.is_bind());
+        assert_eq!(data.fstype, "");
+        assert_eq!(data.propagation, libc::MS_PRIVATE | libc::MS_REC);
+        assert_eq!(i.devices[0].kind, libc::S_IFCHR);
+        assert_eq!(
+            (i.devices[0].major, i.devices[0].minor, i.devices[0].mode),
+            (10, 229, 0o666)
+        );
+        assert_eq!(
+            plan.cgroup_limits,
+            vec![
+                ("memory.max".to_string(), "104857600".to_string()),
+                ("cpu.max".to_string(), "50000 100000".to_string()),
+                ("cpu.weight".to_string(), "39".to_string()),
+                ("pids.max".to_string(), "64".to_string()),
+            ]
+        );
+        // The init config survives the trip to container-init.
+        let json = serde_json::to_vec(i).unwrap();
+        assert_eq!(&serde_json::from_slice::<InitConfig>(&json).unwrap(), i);
+    }
+
+    #[test]
+    fn minimal_spec_defaults() {
+        let spec = parse_spec(br#"{"process": {"args": ["true"]}}"#).unwrap();
+        let plan = plan("c", &spec, "/r", true, &exists).unwrap();
+        assert_eq!(plan.init.cwd, "/");
+        assert_eq!((plan.init.uid, plan.init.gid), (0, 0));
+        assert!(
+            plan.init.readonly_root,
+            "the host asked for a read-only root"
+        );
+        assert!(plan.init.capabilities.is_none());
+        assert!(!plan.init.populate_dev);
+        assert!(plan.cgroup_limits.is_empty());
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let bad = |json: &str| {
+            let spec = parse_spec(json.as_bytes()).unwrap();
+            format!("{:#}", plan("c", &spec, "/r", false, &exists).unwrap_err())
+        };
+        assert!(bad(r#"{}"#).contains("process"));
+        assert!(bad(r#"{"process": {"args": []}}"#).contains("args"));
+        assert!(bad(r#"{"process": {"args": ["x"], "terminal": true}}"#).contains("TTY"));
+        assert!(bad(r#"{"process": {"args": ["x"], "cwd": "rel"}}"#).contains("cwd"));
+        assert!(
+            bad(r#"{"process": {"args": ["x"], "rlimits": [{"type": "RLIMIT_BOGUS"}]}}"#)
+                .contains("RLIMIT_BOGUS")
+        );
+        assert!(bad(
+            r#"{"process": {"args": ["x"]}, "linux": {"namespaces": [{"type": "user"}]}}"#
+        )
+        .contains("user namespaces"));
+        assert!(bad(r#"{"process": {"args": ["x"]}, "mounts": [{"destination": "/a/../b", "type": "tmpfs"}]}"#)
+            .contains(".."));
+        assert!(
+            bad(r#"{"process": {"args": ["x"]}, "mounts": [{"destination": "/a"}]}"#)
+                .contains("type")
+        );
+        assert!(parse_spec(b"not json").is_err());
+    }
+
+    #[test]
+    fn clean_paths() {
+        assert_eq!(clean_path("/dev/"), "/dev");
+        assert_eq!(clean_path("//a/./b//"), "/a/b");
+        assert_eq!(clean_path("/"), "/");
+    }
+}
