@@ -50,6 +50,12 @@ stop)
       kill -9 "$pid" 2>/dev/null || true
     fi
   fi
+  # Shims outlive containerd by design; a run that ends with tasks left (a failed test) must not
+  # leave them, nor their VMs, which die with their shim (parent-death signal).
+  if pkill -KILL -f -- "-address $dir/containerd.sock" 2>/dev/null; then
+    echo "private-containerd: killed shims left by $dir" >&2
+    sleep 1
+  fi
   # Snapshot mounts containerd may still hold under its root.
   grep -F " $dir/" /proc/mounts | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" || true; done
   rm -rf "$dir"

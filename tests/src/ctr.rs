@@ -96,6 +96,28 @@ impl Ctr {
         self.run(&args, stdin)
     }
 
+    /// The shim socket containerd-shim derives for a container: `/run/containerd/s/` +
+    /// sha256(`<containerd address>/<namespace>/<id>`).
+    pub fn shim_socket(&self, namespace: &str, id: &str) -> PathBuf {
+        use sha2::Digest;
+        let key = format!("{}/{namespace}/{id}", self.address);
+        let hash = sha2::Sha256::digest(key.as_bytes());
+        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        PathBuf::from("/run/containerd/s").join(hex)
+    }
+
+    /// Asserts the shims of these containers removed their sockets.
+    pub fn assert_no_shim_sockets(&self, ids: &[&str]) {
+        for id in ids {
+            let sock = self.shim_socket("default", id);
+            assert!(
+                !sock.exists(),
+                "shim socket of {id} left: {}",
+                sock.display()
+            );
+        }
+    }
+
     /// Asserts nothing of spinbox's is left: no QEMU / helper / shim process, no VM state,
     /// no container data, no console log, no container or task known to containerd.
     pub fn assert_clean(&self) {

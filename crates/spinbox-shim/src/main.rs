@@ -23,6 +23,8 @@ use tokio::sync::Notify;
 use crate::service::TaskService;
 
 const RUNTIME_ID: &str = "io.containerd.spinbox.v2";
+/// File in the bundle directory (the shim's working directory) holding the shim's address.
+const ADDRESS_FILE: &str = "address";
 
 struct SpinboxShim {
     id: String,
@@ -51,12 +53,26 @@ impl Shim for SpinboxShim {
         load_config()?;
         let grouping = opts.id.clone();
         let address = spawn(opts, &grouping, Vec::new()).await?;
+        // The bundle's `address` file is how the shim finds (and removes) its socket when it
+        // exits, and how `delete` finds it after a crash.
+        tokio::fs::write(ADDRESS_FILE, &address)
+            .await
+            .map_err(|e| ShimError::Other(format!("writing {ADDRESS_FILE} in the bundle: {e}")))?;
         Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
         let config = load_config()?;
-        let errors = container::reclaim(&config, &self.id).await;
+        let mut errors = container::reclaim(&config, &self.id).await;
+        // The dead shim's socket.
+        if let Ok(address) = tokio::fs::read_to_string(ADDRESS_FILE).await {
+            let path = address.trim().trim_start_matches("unix://");
+            match tokio::fs::remove_file(path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(format!("removing shim socket {path}: {e}")),
+            }
+        }
         if !errors.is_empty() {
             return Err(ShimError::Other(format!(
                 "reclaiming container {}: {}",

@@ -20,6 +20,10 @@ pub const RECORD_FILE: &str = "vm.json";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VmRecord {
     pub id: String,
+    /// The runtime process that created the VM (a shim). While it lives the VM is its own;
+    /// once it is gone, what the record names is an orphan anyone may reclaim.
+    #[serde(default)]
+    pub owner: Option<ProcessRecord>,
     pub qemu: Option<ProcessRecord>,
     pub vsock_backend: Option<ProcessRecord>,
     /// Files outside the state directory (the console log).
@@ -71,10 +75,26 @@ pub fn read_record(dir: &Path) -> io::Result<VmRecord> {
     serde_json::from_slice(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// Creates the state directory owner-only. A directory left by an earlier VM of the same id is
-/// reclaimed first: an orphan must never block the next start.
+/// Creates the state directory owner-only. A directory left by an earlier VM of the same id
+/// whose owner is gone is reclaimed first: an orphan must never block the next start. One
+/// whose owner still runs belongs to a live VM, and is refused (`AlreadyExists`), never killed.
 pub async fn create_dir(dir: &Path) -> io::Result<()> {
     if dir.exists() {
+        if let Ok(VmRecord {
+            owner: Some(owner), ..
+        }) = read_record(dir)
+        {
+            if owner.is_alive() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "a VM of this id is running, owned by pid {} (state {})",
+                        owner.pid,
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         tracing::warn!(dir = %dir.display(), "state directory exists: reclaiming an orphaned VM");
         reclaim(dir).await?;
     }
@@ -165,7 +185,10 @@ mod tests {
             0o700
         );
 
-        // An orphan: a process recorded by a "crashed" runtime.
+        // An orphan: a process recorded by a "crashed" runtime (an owner that has exited).
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_owner = ProcessRecord::of(gone.id()).unwrap();
+        gone.wait().unwrap();
         let mut orphan = std::process::Command::new("sleep")
             .arg("60")
             .spawn()
@@ -174,12 +197,24 @@ mod tests {
         std::fs::write(&outside, "x").unwrap();
         let rec = VmRecord {
             id: "vm1".into(),
+            owner: Some(gone_owner),
             qemu: Some(ProcessRecord::of(orphan.id()).unwrap()),
             vsock_backend: None,
             files: vec![outside.clone()],
         };
         write_record(&dir, &rec).unwrap();
         assert_eq!(read_record(&dir).unwrap(), rec);
+
+        // While the owner lives, the VM is not an orphan: refused, nothing killed.
+        let live = VmRecord {
+            owner: Some(ProcessRecord::of(std::process::id()).unwrap()),
+            ..rec.clone()
+        };
+        write_record(&dir, &live).unwrap();
+        let e = create_dir(&dir).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert!(rec.qemu.unwrap().is_alive());
+        write_record(&dir, &rec).unwrap();
 
         // Creating the same id again heals: kills the orphan, removes its files.
         let reaper = std::thread::spawn(move || orphan.wait());

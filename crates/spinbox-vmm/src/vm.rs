@@ -361,6 +361,7 @@ impl Vm {
         let console_log = paths.log_dir.join(format!("{id}.console.log"));
         let mut record = VmRecord {
             id: id.to_owned(),
+            owner: ProcessRecord::of(std::process::id()).ok(),
             files: vec![console_log.clone()],
             ..Default::default()
         };
@@ -553,7 +554,12 @@ impl Vm {
                     console: console_suffix(&console_log),
                 });
             }
-            let attempt_limit = (deadline - now).min(Duration::from_secs(2));
+            // An attempt may take the whole remaining budget: the guest answers a CONNECT at
+            // once (accept or reset) as soon as its vsock driver is up, and abandoning a
+            // handshake the guest has not answered yet (a slow, loaded guest) is the suspected
+            // cause of one start, on a heavily loaded host, where vhost-device-vsock answered
+            // no later CONNECT at all.
+            let attempt_limit = deadline - now;
             let attempt = tokio::select! {
                 r = health_once(&transport, port, attempt_limit) => r,
                 _ = exited(qemu_exit.clone()) => {
