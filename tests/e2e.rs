@@ -18,6 +18,15 @@ async fn echo_and_exit_codes_match_runc() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
 
+    // Watch containerd's event stream while the container runs.
+    let mut events = ctr
+        .cmd()
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     let out = ctr.run_container(
         RUNTIME,
@@ -40,6 +49,35 @@ async fn echo_and_exit_codes_match_runc() {
         None,
     );
     assert_eq!(out.stdout, runc.stdout, "same output as runc");
+    let _ = events.kill();
+    let seen = events.wait_with_output().expect("ctr events output");
+    let seen: Vec<String> = text(&seen.stdout)
+        .lines()
+        .filter(|l| l.contains("e2e-echo") && !l.contains("e2e-echo-runc"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("/tasks/"))
+                .map(str::to_owned)
+        })
+        .collect();
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        assert!(
+            seen.iter().any(|t| t == topic),
+            "{topic} published: {seen:?}"
+        );
+    }
+    let pos = |t: &str| seen.iter().position(|x| x == t).unwrap_or(usize::MAX);
+    assert!(
+        pos("/tasks/create") < pos("/tasks/start")
+            && pos("/tasks/start") < pos("/tasks/exit")
+            && pos("/tasks/exit") < pos("/tasks/delete"),
+        "in order: {seen:?}"
+    );
 
     let out = ctr.run_container(
         RUNTIME,
