@@ -7,7 +7,6 @@
 
 pub mod ctr;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use spinbox_config::Config;
@@ -91,19 +90,6 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-/// Open fds of this process, by target.
-pub fn open_fds() -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
-        for e in entries.flatten() {
-            if let Ok(target) = std::fs::read_link(e.path()) {
-                out.insert(format!("{}", target.display()));
-            }
-        }
-    }
-    out
-}
-
 /// Asserts that nothing a VM test created under `root` survives: no process mentioning it, no
 /// state directory entry, no console log.
 pub fn assert_no_leaks(root: &Path) {
@@ -117,7 +103,7 @@ pub fn assert_no_leaks(root: &Path) {
             assert!(left.is_empty(), "files left in {}: {left:?}", d.display());
         }
     }
-    let fds: Vec<String> = open_fds()
+    let fds: Vec<String> = open_fd_list()
         .into_iter()
         .filter(|f| f.contains(&needle))
         .collect();
