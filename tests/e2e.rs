@@ -380,3 +380,63 @@ async fn user_groups_from_a_full_spec_and_read_only_rootfs_match_runc() {
     );
     ctr.assert_clean();
 }
+
+/// A shim killed with SIGKILL takes its VM with it (parent-death signal); containerd then runs
+/// `containerd-shim-spinbox-v2 delete`, which reclaims what the record names; the same id runs
+/// again at once.
+#[tokio::test]
+async fn killed_shim_leaves_nothing_and_the_id_runs_again() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let id = "e2e-shimkill";
+    let out = ctr.run(
+        &["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "300"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shim_marker = format!("-id {id} -address {}", ctr.address);
+    let shims = spinbox_tests::processes_mentioning(&shim_marker);
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    let vm_marker = ctr
+        .spinbox_root
+        .join("state")
+        .join(id)
+        .display()
+        .to_string();
+    assert!(
+        !spinbox_tests::processes_mentioning(&vm_marker).is_empty(),
+        "VM running"
+    );
+    let pid: i32 = shims[0]
+        .split(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("shim pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the shim");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ls = text(&ctr.run(&["task", "ls"], None).stdout);
+        let vm = spinbox_tests::processes_mentioning(&vm_marker);
+        if !ls.contains(id) && vm.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after kill -9 of the shim: tasks {ls}, VM {vm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ctr.run(&["containers", "rm", id], None).status.success());
+    ctr.assert_clean();
+    ctr.assert_no_shim_sockets(&[id]);
+
+    let out = ctr.run_container(RUNTIME, id, &[], &["echo", "again"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "again\n");
+    ctr.assert_clean();
+}
