@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use spinbox_tests::{
-    assert_no_leaks, guest_dir, open_fd_list, settled_fd_count, test_config, VM_TESTS,
+    assert_no_leaks, guest_dir, open_fd_list, run_vm_test, settled_fd_count, test_config,
 };
 use spinbox_vmm::accel::{HostCaps, VsockKind};
 use spinbox_vmm::{ShutdownEvent, Vm, VmError};
@@ -16,280 +16,290 @@ fn expected_kernel_release(guest: &std::path::Path) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn boots_answers_health_over_vhost_user_vsock_and_shuts_down_clean() {
-    let Some(guest) = guest_dir() else { return };
-    let _serial = VM_TESTS.lock().await;
-    let root = tempfile::tempdir().unwrap();
-    let mut config = test_config(&guest, root.path());
-    config.vm.vsock = spinbox_config::VsockMode::VhostUser;
-    let fds_before = settled_fd_count().await;
+#[test]
+fn boots_answers_health_over_vhost_user_vsock_and_shuts_down_clean() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let mut config = test_config(&guest, root.path());
+        config.vm.vsock = spinbox_config::VsockMode::VhostUser;
+        let fds_before = settled_fd_count().await;
 
-    let started = Instant::now();
-    let vm = Vm::start("boot-test", &config).await.expect("VM start");
-    let wall = started.elapsed();
-    let boot = vm.boot_info().clone();
-    println!(
-        "boot-to-agent-ready: {} ms from QEMU spawn ({} ms inside the guest, {} ms for Vm::start); accel={} vsock={}",
-        boot.host_spawn_to_ready_ms,
-        boot.guest_boot_to_ready_ms,
-        wall.as_millis(),
-        boot.accel,
-        boot.vsock
-    );
-    assert_eq!(boot.vsock, "vhost-user");
-    assert_eq!(boot.agent_version, env!("CARGO_PKG_VERSION"));
-    if let Some(release) = expected_kernel_release(&guest) {
-        assert_eq!(
-            boot.kernel_release, release,
-            "the guest runs our kernel, not the host's"
+        let started = Instant::now();
+        let vm = Vm::start("boot-test", &config).await.expect("VM start");
+        let wall = started.elapsed();
+        let boot = vm.boot_info().clone();
+        println!(
+            "boot-to-agent-ready: {} ms from QEMU spawn ({} ms inside the guest, {} ms for Vm::start); accel={} vsock={}",
+            boot.host_spawn_to_ready_ms,
+            boot.guest_boot_to_ready_ms,
+            wall.as_millis(),
+            boot.accel,
+            boot.vsock
         );
-    }
-    assert!(
-        boot.modules_loaded.iter().any(|m| m.contains("vsock")),
-        "agent loaded the vsock transport: {:?}",
-        boot.modules_loaded
-    );
-
-    // The processes and sockets are where the record says, and owner-only.
-    let qemu = vm.qemu_process();
-    let backend = vm
-        .vsock_backend_process()
-        .expect("vhost-user backend process");
-    assert!(qemu.is_alive() && backend.is_alive());
-    let dir = vm.state_dir().to_owned();
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-        0o700
-    );
-    assert!(dir.join("qmp.sock").exists() && dir.join("vsock.sock").exists());
-    let rec = spinbox_vmm::state::read_record(&dir).unwrap();
-    assert_eq!(rec.qemu, Some(qemu));
-    assert_eq!(rec.vsock_backend, Some(backend));
-
-    // QMP works on the connection the runtime made.
-    let status = vm.qmp().execute("query-status", None).await.unwrap();
-    assert_eq!(status["status"], "running");
-    // A second health call on the same connection.
-    let h = vm.health().await.unwrap();
-    assert!(h.uptime_ms >= h.boot_to_ready_ms);
-
-    let report = vm.shutdown().await;
-    println!(
-        "shutdown: graceful={} in {} ms: {:?}",
-        report.graceful, report.duration_ms, report.events
-    );
-    assert!(
-        report.cleanup_errors.is_empty(),
-        "{:?}",
-        report.cleanup_errors
-    );
-    assert!(
-        report.graceful,
-        "a well-behaved guest powers off without force: {:?}",
-        report.events
-    );
-    assert!(
-        !report
-            .events
-            .iter()
-            .any(|e| matches!(e, ShutdownEvent::ShutdownEscalation { .. })),
-        "no escalation expected: {:?}",
-        report.events
-    );
-    assert!(!qemu.is_alive(), "QEMU gone");
-    assert!(!backend.is_alive(), "vhost-device-vsock gone");
-    assert!(!dir.exists(), "state directory removed");
-    assert_no_leaks(root.path());
-    assert_eq!(
-        settled_fd_count().await,
-        fds_before,
-        "fd count changed: {:#?}",
-        open_fd_list()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_vms_at_once_get_distinct_sockets_and_both_answer() {
-    let Some(guest) = guest_dir() else { return };
-    let _serial = VM_TESTS.lock().await;
-    let root = tempfile::tempdir().unwrap();
-    let config = test_config(&guest, root.path());
-
-    let (a, b) = tokio::join!(Vm::start("twin-a", &config), Vm::start("twin-b", &config));
-    let (a, b) = (a.expect("VM a"), b.expect("VM b"));
-    assert_ne!(a.state_dir(), b.state_dir());
-    assert_ne!(
-        a.transport(),
-        b.transport(),
-        "each VM has its own vsock endpoint"
-    );
-    assert_ne!(a.qemu_process().pid, b.qemu_process().pid);
-    let (ha, hb) = tokio::join!(a.health(), b.health());
-    assert_eq!(ha.unwrap().agent_version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(hb.unwrap().agent_version, env!("CARGO_PKG_VERSION"));
-    println!(
-        "two VMs in parallel: ready after {} ms and {} ms",
-        a.boot_info().host_spawn_to_ready_ms,
-        b.boot_info().host_spawn_to_ready_ms
-    );
-    let (ra, rb) = tokio::join!(a.shutdown(), b.shutdown());
-    assert!(ra.cleanup_errors.is_empty() && rb.cleanup_errors.is_empty());
-    assert_no_leaks(root.path());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_that_never_answers_fails_within_vm_start_and_leaves_nothing() {
-    let Some(guest) = guest_dir() else { return };
-    let _serial = VM_TESTS.lock().await;
-    let root = tempfile::tempdir().unwrap();
-    let mut config = test_config(&guest, root.path());
-    // The agent takes the last `spinbox.agent_port` on its command line: it serves on 4000
-    // while the host keeps dialling 1024, so from the host it never answers.
-    config.vm.kernel_args = vec!["spinbox.agent_port=4000".into()];
-    config.timeouts.vm_start = Duration::from_secs(4);
-    let fds_before = settled_fd_count().await;
-
-    let started = Instant::now();
-    let err = match Vm::start("silent", &config).await {
-        Ok(vm) => {
-            vm.shutdown().await;
-            panic!("start must fail when the agent never answers");
+        assert_eq!(boot.vsock, "vhost-user");
+        assert_eq!(boot.agent_version, env!("CARGO_PKG_VERSION"));
+        if let Some(release) = expected_kernel_release(&guest) {
+            assert_eq!(
+                boot.kernel_release, release,
+                "the guest runs our kernel, not the host's"
+            );
         }
-        Err(e) => e,
-    };
-    let took = started.elapsed();
-    let text = err.to_string();
-    println!(
-        "start failed after {} ms: {}",
-        took.as_millis(),
-        text.lines().next().unwrap_or("")
-    );
-    assert!(matches!(err, VmError::AgentTimeout { .. }), "{text}");
-    assert!(
-        text.contains("timeouts.vm_start") && text.contains("1024"),
-        "{text}"
-    );
-    // Bounded by vm_start (plus spawn and rollback), not by anything longer.
-    assert!(took >= Duration::from_secs(4), "gave up early: {took:?}");
-    assert!(
-        took < Duration::from_secs(4 + 6),
-        "took {took:?} with vm_start = 4s"
-    );
-    assert_no_leaks(root.path());
-    assert_eq!(
-        settled_fd_count().await,
-        fds_before,
-        "{:#?}",
-        open_fd_list()
-    );
+        assert!(
+            boot.modules_loaded.iter().any(|m| m.contains("vsock")),
+            "agent loaded the vsock transport: {:?}",
+            boot.modules_loaded
+        );
+
+        // The processes and sockets are where the record says, and owner-only.
+        let qemu = vm.qemu_process();
+        let backend = vm
+            .vsock_backend_process()
+            .expect("vhost-user backend process");
+        assert!(qemu.is_alive() && backend.is_alive());
+        let dir = vm.state_dir().to_owned();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert!(dir.join("qmp.sock").exists() && dir.join("vsock.sock").exists());
+        let rec = spinbox_vmm::state::read_record(&dir).unwrap();
+        assert_eq!(rec.qemu, Some(qemu));
+        assert_eq!(rec.vsock_backend, Some(backend));
+
+        // QMP works on the connection the runtime made.
+        let status = vm.qmp().execute("query-status", None).await.unwrap();
+        assert_eq!(status["status"], "running");
+        // A second health call on the same connection.
+        let h = vm.health().await.unwrap();
+        assert!(h.uptime_ms >= h.boot_to_ready_ms);
+
+        let report = vm.shutdown().await;
+        println!(
+            "shutdown: graceful={} in {} ms: {:?}",
+            report.graceful, report.duration_ms, report.events
+        );
+        assert!(
+            report.cleanup_errors.is_empty(),
+            "{:?}",
+            report.cleanup_errors
+        );
+        assert!(
+            report.graceful,
+            "a well-behaved guest powers off without force: {:?}",
+            report.events
+        );
+        assert!(
+            !report
+                .events
+                .iter()
+                .any(|e| matches!(e, ShutdownEvent::ShutdownEscalation { .. })),
+            "no escalation expected: {:?}",
+            report.events
+        );
+        assert!(!qemu.is_alive(), "QEMU gone");
+        assert!(!backend.is_alive(), "vhost-device-vsock gone");
+        assert!(!dir.exists(), "state directory removed");
+        assert_no_leaks(root.path());
+        assert_eq!(
+            settled_fd_count().await,
+            fds_before,
+            "fd count changed: {:#?}",
+            open_fd_list()
+        );
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_kernel_path_is_named_and_nothing_is_created() {
-    let Some(guest) = guest_dir() else { return };
-    let _serial = VM_TESTS.lock().await;
-    let root = tempfile::tempdir().unwrap();
-    let mut config = test_config(&guest, root.path());
-    config.paths.kernel = root.path().join("no-such-vmlinuz");
-    let err = Vm::start("nokernel", &config)
-        .await
-        .err()
-        .expect("must fail");
-    let text = err.to_string();
-    assert!(
-        text.contains("paths.kernel") && text.contains("no-such-vmlinuz"),
-        "{text}"
-    );
-    assert!(!root.path().join("state/nokernel").exists());
-    assert_no_leaks(root.path());
+#[test]
+fn two_vms_at_once_get_distinct_sockets_and_both_answer() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let config = test_config(&guest, root.path());
 
-    let err = Vm::start("../escape", &config)
-        .await
-        .err()
-        .expect("must fail");
-    assert!(matches!(err, VmError::InvalidId { .. }), "{err}");
+        let (a, b) = tokio::join!(Vm::start("twin-a", &config), Vm::start("twin-b", &config));
+        let (a, b) = (a.expect("VM a"), b.expect("VM b"));
+        assert_ne!(a.state_dir(), b.state_dir());
+        assert_ne!(
+            a.transport(),
+            b.transport(),
+            "each VM has its own vsock endpoint"
+        );
+        assert_ne!(a.qemu_process().pid, b.qemu_process().pid);
+        let (ha, hb) = tokio::join!(a.health(), b.health());
+        assert_eq!(ha.unwrap().agent_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(hb.unwrap().agent_version, env!("CARGO_PKG_VERSION"));
+        println!(
+            "two VMs in parallel: ready after {} ms and {} ms",
+            a.boot_info().host_spawn_to_ready_ms,
+            b.boot_info().host_spawn_to_ready_ms
+        );
+        let (ra, rb) = tokio::join!(a.shutdown(), b.shutdown());
+        assert!(ra.cleanup_errors.is_empty() && rb.cleanup_errors.is_empty());
+        assert_no_leaks(root.path());
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qemu_that_fails_to_start_reports_its_stderr_and_rolls_back() {
-    let Some(guest) = guest_dir() else { return };
-    let _serial = VM_TESTS.lock().await;
-    let root = tempfile::tempdir().unwrap();
-    let mut config = test_config(&guest, root.path());
-    // Not a kernel image: QEMU refuses it and exits.
-    let bogus = root.path().join("bogus-kernel");
-    std::fs::write(&bogus, b"not a kernel").unwrap();
-    config.paths.kernel = bogus;
-    let err = Vm::start("badimage", &config)
-        .await
-        .err()
-        .expect("must fail");
-    let text = err.to_string();
-    assert!(matches!(err, VmError::QemuExited { .. }), "{text}");
-    assert!(
-        text.to_lowercase().contains("kernel"),
-        "QEMU's own reason is carried: {text}"
-    );
-    assert_no_leaks(root.path());
+#[test]
+fn agent_that_never_answers_fails_within_vm_start_and_leaves_nothing() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let mut config = test_config(&guest, root.path());
+        // The agent takes the last `spinbox.agent_port` on its command line: it serves on 4000
+        // while the host keeps dialling 1024, so from the host it never answers.
+        config.vm.kernel_args = vec!["spinbox.agent_port=4000".into()];
+        config.timeouts.vm_start = Duration::from_secs(4);
+        let fds_before = settled_fd_count().await;
+
+        let started = Instant::now();
+        let err = match Vm::start("silent", &config).await {
+            Ok(vm) => {
+                vm.shutdown().await;
+                panic!("start must fail when the agent never answers");
+            }
+            Err(e) => e,
+        };
+        let took = started.elapsed();
+        let text = err.to_string();
+        println!(
+            "start failed after {} ms: {}",
+            took.as_millis(),
+            text.lines().next().unwrap_or("")
+        );
+        assert!(matches!(err, VmError::AgentTimeout { .. }), "{text}");
+        assert!(
+            text.contains("timeouts.vm_start") && text.contains("1024"),
+            "{text}"
+        );
+        // Bounded by vm_start (plus spawn and rollback), not by anything longer.
+        assert!(took >= Duration::from_secs(4), "gave up early: {took:?}");
+        assert!(
+            took < Duration::from_secs(4 + 6),
+            "took {took:?} with vm_start = 4s"
+        );
+        assert_no_leaks(root.path());
+        assert_eq!(
+            settled_fd_count().await,
+            fds_before,
+            "{:#?}",
+            open_fd_list()
+        );
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vm_death_is_seen_at_once() {
-    let Some(guest) = guest_dir() else { return };
-    let _serial = VM_TESTS.lock().await;
-    let root = tempfile::tempdir().unwrap();
-    let config = test_config(&guest, root.path());
-    let vm = Vm::start("dies", &config).await.expect("VM start");
-    let mut exit = vm.exit_watch();
-    let qemu = vm.qemu_process();
-    let killed = Instant::now();
-    assert!(qemu.signal(nix_sigkill()).unwrap());
-    tokio::time::timeout(Duration::from_secs(1), exit.wait_for(|s| s.is_some()))
-        .await
-        .expect("exit seen within a second")
-        .unwrap();
-    println!(
-        "QEMU death noticed after {} ms",
-        killed.elapsed().as_millis()
-    );
-    let report = vm.shutdown().await;
-    assert!(
-        report.cleanup_errors.is_empty(),
-        "{:?}",
-        report.cleanup_errors
-    );
-    assert_no_leaks(root.path());
+#[test]
+fn bad_kernel_path_is_named_and_nothing_is_created() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let mut config = test_config(&guest, root.path());
+        config.paths.kernel = root.path().join("no-such-vmlinuz");
+        let err = Vm::start("nokernel", &config)
+            .await
+            .err()
+            .expect("must fail");
+        let text = err.to_string();
+        assert!(
+            text.contains("paths.kernel") && text.contains("no-such-vmlinuz"),
+            "{text}"
+        );
+        assert!(!root.path().join("state/nokernel").exists());
+        assert_no_leaks(root.path());
+
+        let err = Vm::start("../escape", &config)
+            .await
+            .err()
+            .expect("must fail");
+        assert!(matches!(err, VmError::InvalidId { .. }), "{err}");
+    });
+}
+
+#[test]
+fn qemu_that_fails_to_start_reports_its_stderr_and_rolls_back() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let mut config = test_config(&guest, root.path());
+        // Not a kernel image: QEMU refuses it and exits.
+        let bogus = root.path().join("bogus-kernel");
+        std::fs::write(&bogus, b"not a kernel").unwrap();
+        config.paths.kernel = bogus;
+        let err = Vm::start("badimage", &config)
+            .await
+            .err()
+            .expect("must fail");
+        let text = err.to_string();
+        assert!(matches!(err, VmError::QemuExited { .. }), "{text}");
+        assert!(
+            text.to_lowercase().contains("kernel"),
+            "QEMU's own reason is carried: {text}"
+        );
+        assert_no_leaks(root.path());
+    });
+}
+
+#[test]
+fn vm_death_is_seen_at_once() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let config = test_config(&guest, root.path());
+        let vm = Vm::start("dies", &config).await.expect("VM start");
+        let mut exit = vm.exit_watch();
+        let qemu = vm.qemu_process();
+        let killed = Instant::now();
+        assert!(qemu.signal(nix_sigkill()).unwrap());
+        tokio::time::timeout(Duration::from_secs(1), exit.wait_for(|s| s.is_some()))
+            .await
+            .expect("exit seen within a second")
+            .unwrap();
+        println!(
+            "QEMU death noticed after {} ms",
+            killed.elapsed().as_millis()
+        );
+        let report = vm.shutdown().await;
+        assert!(
+            report.cleanup_errors.is_empty(),
+            "{:?}",
+            report.cleanup_errors
+        );
+        assert_no_leaks(root.path());
+    });
 }
 
 fn nix_sigkill() -> nix::sys::signal::Signal {
     nix::sys::signal::Signal::SIGKILL
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kernel_vhost_vsock_boot_where_available() {
-    let Some(guest) = guest_dir() else { return };
-    let _serial = VM_TESTS.lock().await;
-    if HostCaps::probe().vhost_vsock {
-        let root = tempfile::tempdir().unwrap();
-        let mut config = test_config(&guest, root.path());
-        config.vm.vsock = spinbox_config::VsockMode::Vhost;
-        let vm = Vm::start("kvsock", &config)
-            .await
-            .expect("VM start on vhost-vsock");
-        assert_eq!(vm.boot_info().vsock, "vhost-vsock");
-        assert!(
-            matches!(vm.transport(), spinbox_vmm::vsock::VsockTransport::Kernel { cid } if *cid >= 3)
-        );
-        let report = vm.shutdown().await;
-        assert!(report.cleanup_errors.is_empty());
-        assert_no_leaks(root.path());
-    } else {
-        assert_eq!(
-            spinbox_vmm::accel::resolve_vsock(spinbox_config::VsockMode::Auto, &HostCaps::probe()),
-            VsockKind::VhostUser
-        );
-        eprintln!("skipped: /dev/vhost-vsock is absent (no vhost_vsock module); the kernel vsock path is covered by unit tests");
-    }
+#[test]
+fn kernel_vhost_vsock_boot_where_available() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        if HostCaps::probe().vhost_vsock {
+            let root = tempfile::tempdir().unwrap();
+            let mut config = test_config(&guest, root.path());
+            config.vm.vsock = spinbox_config::VsockMode::Vhost;
+            let vm = Vm::start("kvsock", &config)
+                .await
+                .expect("VM start on vhost-vsock");
+            assert_eq!(vm.boot_info().vsock, "vhost-vsock");
+            assert!(
+                matches!(vm.transport(), spinbox_vmm::vsock::VsockTransport::Kernel { cid } if *cid >= 3)
+            );
+            let report = vm.shutdown().await;
+            assert!(report.cleanup_errors.is_empty());
+            assert_no_leaks(root.path());
+        } else {
+            assert_eq!(
+                spinbox_vmm::accel::resolve_vsock(
+                    spinbox_config::VsockMode::Auto,
+                    &HostCaps::probe()
+                ),
+                VsockKind::VhostUser
+            );
+            eprintln!("skipped: /dev/vhost-vsock is absent (no vhost_vsock module); the kernel vsock path is covered by unit tests");
+        }
+    });
 }

@@ -114,6 +114,21 @@ pub fn assert_no_leaks(root: &Path) {
 /// the fd accounting of one test is not disturbed by another's.
 pub static VM_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Runs a VM test alone in this test binary: takes the process-wide lock *before* building
+/// its runtime, so no other test's runtime (its epoll, eventfd and socket fds) comes or goes
+/// while this one counts its fds.
+pub fn run_vm_test<F: std::future::Future<Output = ()>>(test: F) {
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("test runtime");
+    rt.block_on(test);
+    drop(rt);
+}
+
 /// Counts this process's open fds, after making sure the runtime's lazily created process
 /// and signal machinery already exists (it stays for the process's life and is not a leak).
 pub async fn settled_fd_count() -> usize {
