@@ -205,13 +205,6 @@ impl Container {
             layers_built = prepared.cache_misses,
             "rootfs prepared"
         );
-        let release_rootfs = |prepared: &PreparedRootfs, work_dir: &Path| {
-            for e in spinbox_storage::release(&prepared.owned) {
-                tracing::warn!(error = %e, "rollback: releasing rootfs");
-            }
-            let _ = std::fs::remove_dir_all(work_dir);
-        };
-
         let vm_options = VmOptions {
             disks: prepared
                 .disks
@@ -226,7 +219,7 @@ impl Container {
         let vm = match Vm::start_with(&opts.id, config, &vm_options, &HostCaps::probe()).await {
             Ok(vm) => vm,
             Err(e) => {
-                release_rootfs(&prepared, &work_dir);
+                rollback(None, &prepared, &work_dir).await;
                 return Err(e.into());
             }
         };
@@ -259,8 +252,7 @@ impl Container {
                 r.pid
             }
             Err(e) => {
-                vm.shutdown().await;
-                release_rootfs(&prepared, &work_dir);
+                rollback(Some(vm), &prepared, &work_dir).await;
                 return Err(e);
             }
         };
@@ -277,8 +269,7 @@ impl Container {
         let pumps = match pumps {
             Ok(p) => p,
             Err(e) => {
-                vm.shutdown().await;
-                release_rootfs(&prepared, &work_dir);
+                rollback(Some(vm), &prepared, &work_dir).await;
                 return Err(ContainerError::Stdio(e));
             }
         };
@@ -482,6 +473,21 @@ impl Container {
         }
         errors
     }
+}
+
+/// Undoes a create that failed after the rootfs was prepared: the VM (if it got that far) is
+/// shut down, then the container's images and data directory are removed. Errors are logged:
+/// the create's own error is what the caller reports.
+async fn rollback(vm: Option<Vm>, prepared: &PreparedRootfs, work_dir: &Path) {
+    if let Some(vm) = vm {
+        for e in vm.shutdown().await.cleanup_errors {
+            tracing::warn!(error = %e, "rollback: VM cleanup");
+        }
+    }
+    for e in spinbox_storage::release(&prepared.owned) {
+        tracing::warn!(error = %e, "rollback: releasing rootfs");
+    }
+    let _ = tokio::fs::remove_dir_all(work_dir).await;
 }
 
 /// Reclaims what a dead shim left for `id`: its VM (processes verified by start time, state
