@@ -736,12 +736,9 @@ async fn containers_run_with_oci_semantics_in_one_guest() {
         "boot-to-ready {} ms; shutdown graceful={} in {} ms",
         vm_boot_ms, report.graceful, report.duration_ms
     );
+    let errors = vm.release().await;
     outcome.unwrap();
-    assert!(
-        report.cleanup_errors.is_empty(),
-        "{:?}",
-        report.cleanup_errors
-    );
+    assert!(errors.is_empty(), "{errors:?}");
     assert!(report.graceful, "{:?}", report.events);
     assert_no_leaks(root.path());
 }

@@ -80,11 +80,27 @@ fn boots_answers_health_over_vhost_user_vsock_and_shuts_down_clean() {
             "shutdown: graceful={} in {} ms: {:?}",
             report.graceful, report.duration_ms, report.events
         );
-        assert!(
-            report.cleanup_errors.is_empty(),
-            "{:?}",
-            report.cleanup_errors
+        // The record on disk says the same: graceful, initiated then complete, nothing between.
+        let record = read_shutdown_record(&dir);
+        assert_eq!(record["complete"], true, "{record}");
+        assert_eq!(record["graceful"], true, "{record}");
+        let events: Vec<&str> = record["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            events,
+            ["shutdown_initiated", "shutdown_complete"],
+            "{record}"
         );
+        assert_eq!(record["events"][1]["last_step"], "ctrl-alt-del", "{record}");
+        // A second shutdown returns the first one's result without climbing again.
+        let again = vm.shutdown().await;
+        assert_eq!(again.started_unix_ms, report.started_unix_ms);
+        let errors = vm.release().await;
+        assert!(errors.is_empty(), "{errors:?}");
         assert!(
             report.graceful,
             "a well-behaved guest powers off without force: {:?}",
@@ -135,8 +151,8 @@ fn two_vms_at_once_get_distinct_sockets_and_both_answer() {
             a.boot_info().host_spawn_to_ready_ms,
             b.boot_info().host_spawn_to_ready_ms
         );
-        let (ra, rb) = tokio::join!(a.shutdown(), b.shutdown());
-        assert!(ra.cleanup_errors.is_empty() && rb.cleanup_errors.is_empty());
+        let (ra, rb) = tokio::join!(a.release(), b.release());
+        assert!(ra.is_empty() && rb.is_empty(), "{ra:?} {rb:?}");
         assert_no_leaks(root.path());
     });
 }
@@ -156,7 +172,7 @@ fn agent_that_never_answers_fails_within_vm_start_and_leaves_nothing() {
         let started = Instant::now();
         let err = match Vm::start("silent", &config).await {
             Ok(vm) => {
-                vm.shutdown().await;
+                vm.release().await;
                 panic!("start must fail when the agent never answers");
             }
             Err(e) => e,
@@ -260,13 +276,28 @@ fn vm_death_is_seen_at_once() {
             killed.elapsed().as_millis()
         );
         let report = vm.shutdown().await;
+        assert!(!report.graceful);
         assert!(
-            report.cleanup_errors.is_empty(),
+            matches!(
+                report.events.last(),
+                Some(ShutdownEvent::ShutdownComplete {
+                    last_step: spinbox_vmm::ShutdownStep::AlreadyExited,
+                    ..
+                })
+            ),
             "{:?}",
-            report.cleanup_errors
+            report.events
         );
+        let errors = vm.release().await;
+        assert!(errors.is_empty(), "{errors:?}");
         assert_no_leaks(root.path());
     });
+}
+
+fn read_shutdown_record(dir: &std::path::Path) -> serde_json::Value {
+    let data = std::fs::read(dir.join(spinbox_vmm::state::SHUTDOWN_RECORD_FILE))
+        .expect("shutdown.json in the state directory");
+    serde_json::from_slice(&data).expect("shutdown.json is JSON")
 }
 
 fn nix_sigkill() -> nix::sys::signal::Signal {
@@ -288,8 +319,8 @@ fn kernel_vhost_vsock_boot_where_available() {
             assert!(
                 matches!(vm.transport(), spinbox_vmm::vsock::VsockTransport::Kernel { cid } if *cid >= 3)
             );
-            let report = vm.shutdown().await;
-            assert!(report.cleanup_errors.is_empty());
+            let errors = vm.release().await;
+            assert!(errors.is_empty(), "{errors:?}");
             assert_no_leaks(root.path());
         } else {
             assert_eq!(
@@ -301,5 +332,124 @@ fn kernel_vhost_vsock_boot_where_available() {
             );
             eprintln!("skipped: /dev/vhost-vsock is absent (no vhost_vsock module); the kernel vsock path is covered by unit tests");
         }
+    });
+}
+
+/// The escalation steps and the last step of a shutdown record, in order.
+fn ladder_path(record: &serde_json::Value) -> (Vec<String>, String) {
+    let events = record["events"].as_array().expect("events");
+    let steps = events
+        .iter()
+        .filter(|e| e["event"] == "shutdown_escalation")
+        .map(|e| e["step"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    let last = events.last().expect("an event");
+    assert_eq!(last["event"], "shutdown_complete", "{record}");
+    (steps, last["last_step"].as_str().unwrap_or("?").to_owned())
+}
+
+#[test]
+fn guest_ignoring_poweroff_is_forced_and_shutdown_grace_sets_the_pace() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let mut config = test_config(&guest, root.path());
+        // Test hook: the agent ignores ctrl-alt-del and the ACPI power button.
+        config.vm.kernel_args = vec!["spinbox.test_ignore_poweroff=1".into()];
+        let mut short = config.clone();
+        short.timeouts.shutdown_grace = Duration::from_millis(500);
+        let mut long = config.clone();
+        long.timeouts.shutdown_grace = Duration::from_millis(2500);
+
+        let (a, b) = tokio::join!(
+            Vm::start("deaf-short", &short),
+            Vm::start("deaf-long", &long)
+        );
+        let (a, b) = (a.expect("VM short"), b.expect("VM long"));
+        let (ra, rb) = tokio::join!(a.shutdown(), b.shutdown());
+        for (vm, report, grace) in [(&a, &ra, 500u64), (&b, &rb, 2500)] {
+            let record = read_shutdown_record(vm.state_dir());
+            println!(
+                "grace {grace} ms: shutdown took {} ms: {record}",
+                report.duration_ms
+            );
+            let (steps, last) = ladder_path(&record);
+            assert_eq!(steps, ["ctrl-alt-del", "acpi-powerdown"], "{record}");
+            assert_eq!(last, "qmp-quit", "{record}");
+            assert_eq!(record["graceful"], false);
+            // Each power-off step waited the configured grace, no more.
+            for e in record["events"].as_array().unwrap() {
+                if e["event"] == "shutdown_escalation" {
+                    let waited = e["waited_ms"].as_u64().unwrap();
+                    assert!(
+                        waited >= grace && waited < grace + 1500,
+                        "waited {waited} ms with grace {grace} ms: {record}"
+                    );
+                }
+            }
+        }
+        // Two steps of grace each: 4 s apart, whatever else the machine does.
+        let gap = rb.duration_ms as i64 - ra.duration_ms as i64;
+        assert!(
+            (3000..6000).contains(&gap),
+            "shutdown_grace 0.5 s → {} ms, 2.5 s → {} ms",
+            ra.duration_ms,
+            rb.duration_ms
+        );
+        let (ea, eb) = tokio::join!(a.release(), b.release());
+        assert!(ea.is_empty() && eb.is_empty(), "{ea:?} {eb:?}");
+        assert_no_leaks(root.path());
+    });
+}
+
+#[test]
+fn stopped_qemu_climbs_the_whole_ladder_to_sigkill() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let mut config = test_config(&guest, root.path());
+        config.timeouts.shutdown_grace = Duration::from_millis(700);
+        config.timeouts.qmp_command = Duration::from_millis(700);
+        let vm = Vm::start("frozen", &config).await.expect("VM start");
+        let qemu = vm.qemu_process();
+        // A QEMU that answers nothing: not QMP, not the guest.
+        assert!(qemu.signal(nix::sys::signal::Signal::SIGSTOP).unwrap());
+        let report = vm.shutdown().await;
+        let record = read_shutdown_record(vm.state_dir());
+        println!(
+            "stopped QEMU: shutdown took {} ms: {record}",
+            report.duration_ms
+        );
+        let (steps, last) = ladder_path(&record);
+        assert_eq!(
+            steps,
+            [
+                "agent-prepare",
+                "ctrl-alt-del",
+                "acpi-powerdown",
+                "qmp-quit"
+            ],
+            "{record}"
+        );
+        assert_eq!(last, "sigkill");
+        assert_eq!(record["graceful"], false);
+        // Ordered in time, too.
+        let at: Vec<u64> = record["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["at_ms"].as_u64().unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
+        // Bounded by the ladder: grace + 3 × qmp_command + the kill, with slack.
+        assert!(
+            report.duration_ms < 700 * 4 + 3000,
+            "took {} ms",
+            report.duration_ms
+        );
+        assert!(!qemu.is_alive());
+        let errors = vm.release().await;
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_no_leaks(root.path());
     });
 }

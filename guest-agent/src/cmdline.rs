@@ -9,6 +9,10 @@ use crate::log::Level;
 /// Kernel command-line key for the agent's log level (`error|warn|info|debug`).
 pub const CMDLINE_LOG: &str = "spinbox.log";
 
+/// Kernel command-line key (test hook): `1` makes the agent ignore ctrl-alt-del and the ACPI
+/// power button, as a hung or hostile guest would, so the host's shutdown ladder must escalate.
+pub const CMDLINE_IGNORE_POWEROFF: &str = "spinbox.test_ignore_poweroff";
+
 /// What the agent takes from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -18,6 +22,8 @@ pub struct Settings {
     pub stdio_port: u32,
     /// Console log level.
     pub log_level: Level,
+    /// Ignore ctrl-alt-del and the power button ([`CMDLINE_IGNORE_POWEROFF`]).
+    pub ignore_poweroff: bool,
     /// Values that were present but unusable; logged once logging is set up.
     pub problems: Vec<String>,
 }
@@ -28,6 +34,7 @@ impl Default for Settings {
             agent_port: DEFAULT_AGENT_PORT,
             stdio_port: DEFAULT_STDIO_PORT,
             log_level: Level::Info,
+            ignore_poweroff: false,
             problems: Vec::new(),
         }
     }
@@ -50,6 +57,8 @@ pub fn parse(cmdline: &str) -> Settings {
                     .problems
                     .push(format!("ignoring {key}={value:?}: not a vsock port")),
             }
+        } else if key == CMDLINE_IGNORE_POWEROFF {
+            settings.ignore_poweroff = value == "1";
         } else if key == CMDLINE_LOG {
             match Level::parse(value) {
                 Some(level) => settings.log_level = level,
@@ -116,6 +125,11 @@ mod tests {
     fn reads_port_and_log_level() {
         let s = parse("console=ttyS0 spinbox.agent_port=2048 spinbox.log=debug");
         assert_eq!(s.agent_port, 2048);
+        assert!(!s.ignore_poweroff);
+        assert!(parse("spinbox.test_ignore_poweroff=1").ignore_poweroff);
+        assert!(
+            !parse("spinbox.test_ignore_poweroff=1 spinbox.test_ignore_poweroff=0").ignore_poweroff
+        );
         assert_eq!(s.log_level, Level::Debug);
         assert!(s.problems.is_empty());
     }

@@ -74,6 +74,12 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
+/// A line written whatever the level (for the host to read, like the ready marker).
+pub fn always(args: std::fmt::Arguments<'_>) {
+    let line = format!("{args}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 macro_rules! error {
     ($($arg:tt)*) => { $crate::log::write($crate::log::Level::Error, format_args!($($arg)*)) };
 }

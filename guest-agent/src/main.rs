@@ -79,7 +79,9 @@ fn run() -> Result<String> {
     } else {
         Vec::new()
     };
-    if pid1 {
+    if settings.ignore_poweroff {
+        warning!("test hook: ignoring ctrl-alt-del and the power button");
+    } else if pid1 {
         input::watch_power_button();
     }
 
@@ -92,6 +94,7 @@ fn run() -> Result<String> {
         settings.stdio_port,
         modules_loaded,
         pid1,
+        settings.ignore_poweroff,
     ))
 }
 
@@ -100,6 +103,7 @@ async fn serve(
     stdio_port: u32,
     modules_loaded: Vec<String>,
     pid1: bool,
+    ignore_poweroff: bool,
 ) -> Result<String> {
     let mut sigchld = signal(SignalKind::child()).context("SIGCHLD handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -133,6 +137,10 @@ async fn serve(
     }
     let mut server = server.register_service(AgentService::services(boot, containers));
     server.start().await.context("starting the ttrpc server")?;
+    log::always(format_args!(
+        "{} port={port}",
+        spinbox_agent_api::READY_MARKER
+    ));
     info!(
         "spinbox-agent {} ready on vsock port {port} (boot-to-ready {ready_ms} ms)",
         env!("CARGO_PKG_VERSION")
@@ -146,7 +154,13 @@ async fn serve(
                 }
                 reaper::reap_all();
             }
-            _ = sigint.recv() => return Ok("ctrl-alt-del (SIGINT)".to_string()),
+            _ = sigint.recv() => {
+                if ignore_poweroff {
+                    warning!("test hook: ignoring ctrl-alt-del");
+                    continue;
+                }
+                return Ok("ctrl-alt-del (SIGINT)".to_string());
+            }
             _ = sigterm.recv() => return Ok("SIGTERM".to_string()),
             _ = sigpwr.recv() => return Ok("SIGPWR".to_string()),
         }

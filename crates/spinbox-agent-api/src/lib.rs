@@ -35,6 +35,12 @@ pub const CMDLINE_STDIO_PORT: &str = "spinbox.stdio_port";
 /// The vsock port for stdio streams unless the kernel command line says otherwise.
 pub const DEFAULT_STDIO_PORT: u32 = 1025;
 
+/// Line the agent writes to the console (whatever its log level) once its ttrpc server
+/// listens: `spinbox-agent-ready port=<port>`. The host waits for it before dialling, so it
+/// never sends a vsock CONNECT into a guest whose vsock driver is not up yet (over
+/// vhost-device-vsock such a CONNECT can go unanswered for good).
+pub const READY_MARKER: &str = "spinbox-agent-ready";
+
 /// Which stream of a process a stdio connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StdioStream {

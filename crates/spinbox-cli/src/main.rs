@@ -3,14 +3,18 @@
 //! - `spinbox boot [ID]`: boots a microVM with the configured guest, prints what its agent
 //!   reports (version, guest kernel, boot times), shuts it down and prints the shutdown path.
 //! - `spinbox config`: prints the configuration in force (after `$SPINBOX_CONFIG` and defaults).
+//! - `spinbox gc [--dry-run] [ID...]`: lists VM state and container data left by shims that
+//!   are gone, and reclaims it (see `gc.rs`); live VMs are never touched.
 //!
 //! Logs go to stderr; `RUST_LOG` sets the level (default `info`).
+
+mod gc;
 
 use anyhow::{bail, Context, Result};
 use spinbox_config::Config;
 use spinbox_vmm::Vm;
 
-const USAGE: &str = "usage: spinbox boot [ID] | spinbox config";
+const USAGE: &str = "usage: spinbox boot [ID] | spinbox config | spinbox gc [--dry-run] [ID...]";
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -34,6 +38,29 @@ fn main() -> Result<()> {
                 .build()
                 .context("building the tokio runtime")?;
             rt.block_on(boot(&id, &config))
+        }
+        Some("gc") => {
+            let dry_run = args.iter().any(|a| a == "--dry-run");
+            let only: Vec<String> = args[1..]
+                .iter()
+                .filter(|a| !a.starts_with("--"))
+                .cloned()
+                .collect();
+            if let Some(bad) = args[1..]
+                .iter()
+                .find(|a| a.starts_with("--") && *a != "--dry-run")
+            {
+                bail!("spinbox gc: unknown option {bad}\n{USAGE}");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            let failures = rt.block_on(gc::run(&config, dry_run, &only))?;
+            if failures > 0 {
+                bail!("{failures} orphan(s) could not be reclaimed");
+            }
+            Ok(())
         }
         Some("config") => {
             println!("{}", config.to_json_pretty());
@@ -85,8 +112,9 @@ async fn boot(id: &str, config: &Config) -> Result<()> {
         "{}",
         serde_json::to_string_pretty(&report.events).context("encoding shutdown events")?
     );
-    if !report.cleanup_errors.is_empty() {
-        bail!("cleanup errors: {}", report.cleanup_errors.join("; "));
+    let errors = vm.release().await;
+    if !errors.is_empty() {
+        bail!("cleanup errors: {}", errors.join("; "));
     }
     Ok(())
 }

@@ -1,14 +1,19 @@
 //! One container and its microVM, in plain Rust types (containerd's protobuf types stay in
 //! `service.rs`).
 //!
-//! Create: validate → load the bundle's spec → prepare rootfs images → boot the VM with them
-//! → create the container in the guest → connect stdio. Every step that fails rolls back the
-//! ones before it, in reverse, so a failed create leaves no trace.
+//! Create runs in named phases — validate → bundle → state → mounts → vm → container → stdio
+//! — and a failure in any of them is reported with the phase's name and rolled back through
+//! the same cleanup orchestrator a delete uses, so a failed create leaves no trace. The state
+//! directory and its record come first: everything created after it is recorded there before
+//! it exists, for `shim delete` and `spinbox gc` to reclaim after a crash.
 //!
 //! Ownership: the exit watcher task owns the wait on the guest process and is the only writer
 //! of the exit state; RPC handlers read it through a watch channel.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -19,26 +24,69 @@ use spinbox_agent_api::agent_ttrpc::AgentClient;
 use spinbox_config::Config;
 use spinbox_storage::{LayerCache, MountSpec, PrepareOptions, PreparedRootfs};
 use spinbox_vmm::accel::HostCaps;
-use spinbox_vmm::{DiskAttach, Vm, VmOptions};
+use spinbox_vmm::state::StateDir;
+use spinbox_vmm::{DiskAttach, Vm, VmError, VmOptions};
 use tokio::sync::watch;
 
+use crate::cleanup::{Cleanup, CleanupReport, Phase};
+use crate::lifecycle::LifecycleError;
 use crate::stdio::{self, StdioPaths, StdioPumps};
 
 /// Exit code reported when the VM died under a running container (as for SIGKILL).
 pub const VM_DIED_STATUS: u32 = 128 + 9;
+/// How long output may still arrive after the VM died: only what is already in host buffers.
+const VM_DEATH_DRAIN: Duration = Duration::from_millis(250);
+
+/// The phases of a create, in order; a failed create names the one that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreatePhase {
+    Validate,
+    Bundle,
+    State,
+    Mounts,
+    Vm,
+    Container,
+    Stdio,
+}
+
+impl fmt::Display for CreatePhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CreatePhase::Validate => "validate",
+            CreatePhase::Bundle => "bundle",
+            CreatePhase::State => "state",
+            CreatePhase::Mounts => "mounts",
+            CreatePhase::Vm => "vm",
+            CreatePhase::Container => "container",
+            CreatePhase::Stdio => "stdio",
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
+    #[error("create failed in the {phase} phase: {source}")]
+    Create {
+        phase: CreatePhase,
+        #[source]
+        source: Box<ContainerError>,
+    },
     #[error("invalid container id {id:?}: {reason}")]
     InvalidId { id: String, reason: String },
     #[error("bundle {path}: {reason}")]
     Bundle { path: PathBuf, reason: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("preparing rootfs: {0}")]
     Rootfs(#[from] spinbox_storage::StorageError),
     #[error("starting microVM: {0}")]
-    Vm(#[from] spinbox_vmm::VmError),
+    Vm(#[from] VmError),
     #[error("agent {rpc}: {message}")]
     Agent {
         rpc: &'static str,
@@ -47,10 +95,49 @@ pub enum ContainerError {
     },
     #[error("stdio: {0}")]
     Stdio(std::io::Error),
-    #[error("container {0} is not running")]
-    NotRunning(String),
+    #[error("container {id}: {error}")]
+    Lifecycle { id: String, error: LifecycleError },
     #[error("container {0}: process already started")]
     AlreadyStarted(String),
+}
+
+impl ContainerError {
+    /// The ttrpc code containerd acts on.
+    pub fn code(&self) -> ttrpc::Code {
+        use ttrpc::Code;
+        match self {
+            ContainerError::Create { source, .. } => source.code(),
+            ContainerError::InvalidId { .. } | ContainerError::Bundle { .. } => {
+                Code::INVALID_ARGUMENT
+            }
+            ContainerError::Unsupported(_) => Code::UNIMPLEMENTED,
+            ContainerError::State { source, .. }
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                LifecycleError::VmAlreadyExists.code()
+            }
+            ContainerError::State { .. } | ContainerError::Stdio(_) => Code::INTERNAL,
+            ContainerError::Rootfs(e) => LifecycleError::MountSetup(e.to_string()).code(),
+            ContainerError::Vm(e) => match e {
+                VmError::Path { .. } | VmError::InvalidId { .. } => Code::INVALID_ARGUMENT,
+                VmError::Cid(e) => LifecycleError::CidExhausted(e.to_string()).code(),
+                VmError::BackendTimeout { .. } | VmError::AgentTimeout { .. } => {
+                    LifecycleError::DeviceTimeout(e.to_string()).code()
+                }
+                _ => Code::UNAVAILABLE,
+            },
+            ContainerError::Agent { code, .. } => *code,
+            ContainerError::Lifecycle { error, .. } => error.code(),
+            ContainerError::AlreadyStarted(_) => Code::FAILED_PRECONDITION,
+        }
+    }
+}
+
+fn failed(phase: CreatePhase, e: impl Into<ContainerError>) -> ContainerError {
+    ContainerError::Create {
+        phase,
+        source: Box::new(e.into()),
+    }
 }
 
 fn agent_err(rpc: &'static str, e: ttrpc::Error) -> ContainerError {
@@ -99,12 +186,17 @@ pub struct Container {
     pub pid: u32,
     agent: AgentClient,
     vm: tokio::sync::Mutex<Option<Vm>>,
+    vm_exit: watch::Receiver<Option<ExitStatus>>,
     pumps: Arc<tokio::sync::Mutex<StdioPumps>>,
     rootfs: PreparedRootfs,
     work_dir: PathBuf,
+    state: Arc<StateDir>,
     status: Mutex<Status>,
     exit: watch::Receiver<Option<ExitInfo>>,
     exit_tx: Mutex<Option<watch::Sender<Option<ExitInfo>>>>,
+    /// Set once teardown began: QEMU exiting after this is our doing, not a VM death.
+    tearing_down: AtomicBool,
+    cleanup: tokio::sync::OnceCell<CleanupReport>,
     config: Config,
 }
 
@@ -124,63 +216,117 @@ pub fn work_dir(config: &Config, id: &str) -> PathBuf {
     config.paths.data_dir.join("containers").join(id)
 }
 
+/// What a create has acquired so far; released through the cleanup phases on failure.
+struct Acquired {
+    state: Arc<StateDir>,
+    work_dir: PathBuf,
+    rootfs: Option<PreparedRootfs>,
+    vm: Option<Vm>,
+}
+
+impl Acquired {
+    async fn rollback(self, id: &str) {
+        let mut c = Cleanup::new(id);
+        c.phase(Phase::Vm, release_vm(self.vm)).await;
+        let ok = c.ok_so_far();
+        c.phase(
+            Phase::Mounts,
+            release_mounts(self.rootfs.as_ref(), &self.work_dir, &self.state, ok),
+        )
+        .await;
+        let report = c.finish();
+        if !report.ok() {
+            tracing::warn!(id, errors = %report.summary(), "rollback of a failed create is incomplete");
+        }
+    }
+}
+
 impl Container {
     pub async fn create(opts: CreateOpts, config: &Config) -> Result<Container, ContainerError> {
-        spinbox_vmm::state::validate_id(&opts.id).map_err(|reason| ContainerError::InvalidId {
-            id: opts.id.clone(),
-            reason,
+        use CreatePhase as P;
+        spinbox_vmm::state::validate_id(&opts.id).map_err(|reason| {
+            failed(
+                P::Validate,
+                ContainerError::InvalidId {
+                    id: opts.id.clone(),
+                    reason,
+                },
+            )
         })?;
         if opts.stdio.terminal {
-            return Err(ContainerError::Unsupported(
-                "terminal (TTY) containers are not supported yet".into(),
+            return Err(failed(
+                P::Validate,
+                ContainerError::Unsupported(
+                    "terminal (TTY) containers are not supported yet".into(),
+                ),
             ));
         }
-        let spec_path = opts.bundle.join("config.json");
-        let spec = tokio::fs::read(&spec_path)
+        let (spec, source, read_only) =
+            load_bundle(&opts).await.map_err(|e| failed(P::Bundle, e))?;
+
+        // The record first: everything after it is written there before it exists.
+        let state_path = config.paths.state_dir.join(&opts.id);
+        let state = StateDir::create(&config.paths.state_dir, &opts.id)
             .await
-            .map_err(|e| ContainerError::Bundle {
-                path: spec_path.clone(),
-                reason: e.to_string(),
+            .map_err(|source| {
+                failed(
+                    P::State,
+                    ContainerError::State {
+                        path: state_path.clone(),
+                        source,
+                    },
+                )
             })?;
-        let parsed: serde_json::Value =
-            serde_json::from_slice(&spec).map_err(|e| ContainerError::Bundle {
-                path: spec_path.clone(),
-                reason: format!("not valid JSON: {e}"),
-            })?;
-        let read_only = parsed["root"]["readonly"].as_bool().unwrap_or(false);
-        if parsed["process"]["terminal"].as_bool().unwrap_or(false) {
-            return Err(ContainerError::Unsupported(
-                "process.terminal: TTY containers are not supported yet".into(),
-            ));
-        }
-        let source = if opts.rootfs.is_empty() {
-            // No snapshot mounts (`ctr run --config`, a pre-made bundle): the spec's
-            // root.path, relative to the bundle, is the rootfs directory.
-            let root = parsed["root"]["path"].as_str().unwrap_or("rootfs");
-            let path = opts.bundle.join(root);
-            if !path.is_dir() {
-                return Err(ContainerError::Bundle {
-                    path: spec_path.clone(),
-                    reason: format!(
-                        "root.path {} is not a directory and containerd gave no rootfs mounts",
-                        path.display()
-                    ),
-                });
+        let state = Arc::new(state);
+        let work_dir = work_dir(config, &opts.id);
+        let mut acquired = Acquired {
+            state: Arc::clone(&state),
+            work_dir: work_dir.clone(),
+            rootfs: None,
+            vm: None,
+        };
+        match Container::create_in(opts, config, spec, source, read_only, &mut acquired).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "create failed; rolling back");
+                acquired.rollback(&state.record().await.id).await;
+                Err(e)
             }
-            spinbox_storage::RootfsSource::Dir { path, read_only }
-        } else {
-            spinbox_storage::parse_rootfs(&opts.rootfs)?
+        }
+    }
+
+    async fn create_in(
+        opts: CreateOpts,
+        config: &Config,
+        spec: Vec<u8>,
+        source: spinbox_storage::RootfsSource,
+        read_only: bool,
+        acquired: &mut Acquired,
+    ) -> Result<Container, ContainerError> {
+        use CreatePhase as P;
+        let state = Arc::clone(&acquired.state);
+        let work_dir = acquired.work_dir.clone();
+        let record_err = |source| ContainerError::State {
+            path: state.path().to_owned(),
+            source,
         };
 
-        // Rollback order is the reverse of the steps below.
-        let work_dir = work_dir(config, &opts.id);
-        let _ = tokio::fs::remove_dir_all(&work_dir).await;
-        tokio::fs::create_dir_all(&work_dir)
+        // Mounts: the rootfs as block images (the layer cache is shared and not ours; the
+        // work directory with the writable layer is).
+        state
+            .update(|r| r.dirs.push(work_dir.clone()))
             .await
-            .map_err(|e| ContainerError::Bundle {
-                path: work_dir.clone(),
-                reason: format!("creating container data dir: {e}"),
-            })?;
+            .map_err(|e| failed(P::Mounts, record_err(e)))?;
+        let _ = tokio::fs::remove_dir_all(&work_dir).await;
+        tokio::fs::create_dir_all(&work_dir).await.map_err(|e| {
+            failed(
+                P::Mounts,
+                ContainerError::Bundle {
+                    path: work_dir.clone(),
+                    reason: format!("creating container data dir: {e}"),
+                },
+            )
+        })?;
         let cache = LayerCache::new(config.paths.data_dir.join("layers"));
         let prepared = spinbox_storage::prepare(
             &source,
@@ -191,14 +337,8 @@ impl Container {
                 read_only,
             },
         )
-        .await;
-        let prepared = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&work_dir).await;
-                return Err(e.into());
-            }
-        };
+        .await
+        .map_err(|e| failed(P::Mounts, e))?;
         tracing::info!(
             id = %opts.id,
             layers_cached = prepared.cache_hits,
@@ -216,24 +356,34 @@ impl Container {
                 })
                 .collect(),
         };
-        let vm = match Vm::start_with(&opts.id, config, &vm_options, &HostCaps::probe()).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                rollback(None, &prepared, &work_dir).await;
-                return Err(e.into());
-            }
-        };
+        let guest = prepared.guest.clone();
+        acquired.rootfs = Some(prepared);
+
+        // VM.
+        let vm = Vm::start_in(
+            Arc::clone(&state),
+            false,
+            config,
+            &vm_options,
+            &HostCaps::probe(),
+        )
+        .await
+        .map_err(|e| failed(P::Vm, e))?;
         let agent = vm.agent().clone();
-        let g = &prepared.guest;
+        let transport = vm.transport().clone();
+        let vm_exit = vm.exit_watch();
+        acquired.vm = Some(vm);
+
+        // Container in the guest.
         let req = CreateContainerRequest {
             container_id: opts.id.clone(),
             oci_spec: spec,
             rootfs: protobuf::MessageField::some(Rootfs {
-                lower_serials: g.lower_serials.clone(),
-                upper_serial: g.upper_serial.clone(),
-                block_serial: g.block_serial.clone(),
-                block_fstype: g.block_fstype.clone(),
-                read_only: g.read_only,
+                lower_serials: guest.lower_serials.clone(),
+                upper_serial: guest.upper_serial.clone(),
+                block_serial: guest.block_serial.clone(),
+                block_fstype: guest.block_fstype.clone(),
+                read_only: guest.read_only,
                 ..Default::default()
             }),
             stdin: !opts.stdio.stdin.is_empty(),
@@ -245,19 +395,12 @@ impl Container {
         let created = agent
             .create_container(ctx(config.timeouts.vm_start), &req)
             .await
-            .map_err(|e| agent_err("CreateContainer", e));
-        let pid = match created {
-            Ok(r) => {
-                tracing::info!(id = %opts.id, pid = r.pid, "container created in the guest");
-                r.pid
-            }
-            Err(e) => {
-                rollback(Some(vm), &prepared, &work_dir).await;
-                return Err(e);
-            }
-        };
+            .map_err(|e| failed(P::Container, agent_err("CreateContainer", e)))?;
+        tracing::info!(id = %opts.id, pid = created.pid, "container created in the guest");
+
+        // Stdio.
         let pumps = stdio::connect(
-            vm.transport(),
+            &transport,
             spinbox_agent_api::DEFAULT_STDIO_PORT,
             &opts.id,
             "",
@@ -265,28 +408,28 @@ impl Container {
             &opts.stdio,
             config.timeouts.device_detection,
         )
-        .await;
-        let pumps = match pumps {
-            Ok(p) => p,
-            Err(e) => {
-                rollback(Some(vm), &prepared, &work_dir).await;
-                return Err(ContainerError::Stdio(e));
-            }
-        };
+        .await
+        .map_err(|e| failed(P::Stdio, ContainerError::Stdio(e)))?;
+
         let (exit_tx, exit) = watch::channel(None);
+        let rootfs = acquired.rootfs.take().unwrap_or_default();
         Ok(Container {
             id: opts.id,
             bundle: opts.bundle,
             stdio: opts.stdio,
-            pid,
+            pid: created.pid,
             agent,
-            vm: tokio::sync::Mutex::new(Some(vm)),
+            vm: tokio::sync::Mutex::new(acquired.vm.take()),
+            vm_exit,
             pumps: Arc::new(tokio::sync::Mutex::new(pumps)),
-            rootfs: prepared,
+            rootfs,
             work_dir,
+            state,
             status: Mutex::new(Status::Created),
             exit,
             exit_tx: Mutex::new(Some(exit_tx)),
+            tearing_down: AtomicBool::new(false),
+            cleanup: tokio::sync::OnceCell::new(),
             config: config.clone(),
         })
     }
@@ -303,6 +446,42 @@ impl Container {
         *self.exit.borrow()
     }
 
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    fn not_running(&self) -> ContainerError {
+        ContainerError::Lifecycle {
+            id: self.id.clone(),
+            error: LifecycleError::VmNotRunning,
+        }
+    }
+
+    /// Resolves when QEMU exits without us tearing it down (a VM death: guest panic, QEMU
+    /// killed or crashed). Never resolves for our own shutdown.
+    pub async fn vm_died(&self) {
+        let mut rx = self.vm_exit.clone();
+        let _ = rx.wait_for(|s| s.is_some()).await;
+        if self.tearing_down.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
+        let status = (*rx.borrow()).map(|s| s.to_string()).unwrap_or_default();
+        tracing::error!(id = %self.id, qemu = %status, "microVM exited on its own");
+        // A process that never started cannot report; its exit is the VM's.
+        if let Some(tx) = self
+            .exit_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            self.set_status(Status::Stopped);
+            let _ = tx.send(Some(ExitInfo {
+                status: VM_DIED_STATUS,
+                at: SystemTime::now(),
+            }));
+        }
+    }
+
     /// Runs the process and starts the watcher that turns its exit (or the VM's death) into
     /// the exit state; `on_exit` runs once, after all output reached containerd.
     pub async fn start<F>(self: &Arc<Self>, on_exit: F) -> Result<u32, ContainerError>
@@ -314,7 +493,13 @@ impl Container {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .ok_or_else(|| ContainerError::AlreadyStarted(self.id.clone()))?;
+            .ok_or_else(|| {
+                if self.status() == Status::Stopped {
+                    self.not_running()
+                } else {
+                    ContainerError::AlreadyStarted(self.id.clone())
+                }
+            })?;
         let resp = self
             .agent
             .start_process(ctx(self.config.timeouts.vm_start), &process(&self.id))
@@ -337,47 +522,33 @@ impl Container {
         self.set_status(Status::Running);
         tracing::info!(id = %self.id, pid = resp.pid, "process started");
         let me = Arc::clone(self);
-        let vm_exit = {
-            let vm = self.vm.lock().await;
-            vm.as_ref().map(|v| v.exit_watch())
-        };
+        let mut vm_exit = self.vm_exit.clone();
         tokio::spawn(async move {
             let waited = async {
                 me.agent
                     .wait_process(ttrpc::context::Context::default(), &process(&me.id))
                     .await
             };
-            let vm_died = async {
-                match vm_exit {
-                    Some(mut rx) => {
-                        let _ = rx.wait_for(|s| s.is_some()).await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            let info = tokio::select! {
+            let (info, drain) = tokio::select! {
                 r = waited => match r {
-                    Ok(w) => ExitInfo {
+                    Ok(w) => (ExitInfo {
                         status: w.exit_status,
                         at: SystemTime::UNIX_EPOCH + Duration::from_nanos(w.exited_at_unix_nanos),
-                    },
+                    }, me.config.timeouts.io_wait),
                     Err(e) => {
                         tracing::warn!(id = %me.id, error = %e, "WaitProcess failed; treating as VM death");
-                        ExitInfo { status: VM_DIED_STATUS, at: SystemTime::now() }
+                        (ExitInfo { status: VM_DIED_STATUS, at: SystemTime::now() }, VM_DEATH_DRAIN)
                     }
                 },
-                _ = vm_died => {
+                _ = vm_exit.wait_for(|s| s.is_some()) => {
                     tracing::warn!(id = %me.id, "microVM exited under a running container");
-                    ExitInfo { status: VM_DIED_STATUS, at: SystemTime::now() }
+                    (ExitInfo { status: VM_DIED_STATUS, at: SystemTime::now() }, VM_DEATH_DRAIN)
                 }
             };
             tracing::info!(id = %me.id, status = info.status, "process exited");
-            // Every byte the process wrote reaches containerd before the exit is published.
-            me.pumps
-                .lock()
-                .await
-                .drain_output(me.config.timeouts.io_wait)
-                .await;
+            // Every byte the process wrote reaches containerd before the exit is published
+            // (after a VM death: what already reached the host).
+            me.pumps.lock().await.drain_output(drain).await;
             me.set_status(Status::Stopped);
             let _ = exit_tx.send(Some(info));
             on_exit(info);
@@ -402,8 +573,8 @@ impl Container {
     }
 
     pub async fn kill(&self, signal: u32, all: bool) -> Result<(), ContainerError> {
-        if self.status() == Status::Stopped {
-            return Err(ContainerError::NotRunning(self.id.clone()));
+        if self.status() == Status::Stopped || self.vm_exit.borrow().is_some() {
+            return Err(self.not_running());
         }
         let req = SignalProcessRequest {
             container_id: self.id.clone(),
@@ -441,68 +612,168 @@ impl Container {
             .map_err(|e| agent_err("CloseStdin", e))
     }
 
-    /// Tears the container down: guest container, stdio, VM (shutdown ladder), rootfs images.
-    /// Idempotent; every step runs even if an earlier one failed; errors are returned.
-    pub async fn destroy(&self) -> Vec<String> {
-        let mut errors = Vec::new();
-        let mut vm = self.vm.lock().await;
-        if let Some(vm) = vm.take() {
-            if vm.exit_watch().borrow().is_none() {
+    /// Tears the container down through the cleanup phases (hotplug → io → connections → vm
+    /// → network → mounts; the event channel belongs to the shim and closes when it exits).
+    /// Runs once: a second or concurrent call waits for the first and gets its report.
+    pub async fn destroy(&self) -> CleanupReport {
+        self.cleanup.get_or_init(|| self.teardown()).await.clone()
+    }
+
+    async fn teardown(&self) -> CleanupReport {
+        self.tearing_down.store(true, Ordering::Release);
+        let vm_alive = self.vm_exit.borrow().is_none();
+        let mut c = Cleanup::new(&self.id);
+        // Nothing is hotplugged into a spinbox VM after boot (yet): nothing to stop.
+        c.phase(Phase::Hotplug, async { Vec::new() }).await;
+        c.phase(Phase::Io, async {
+            let mut pumps = self.pumps.lock().await;
+            pumps.close_stdin();
+            let limit = if vm_alive {
+                self.config.timeouts.io_wait
+            } else {
+                VM_DEATH_DRAIN
+            };
+            if self.status() == Status::Running && vm_alive {
+                // Deleting a running container is refused earlier; a shutdown of the shim
+                // gets here with one: its output is cut, not waited for.
+                pumps.abort();
+            } else if !pumps.drain_output(limit).await {
+                tracing::warn!(id = %self.id, "output cut off at teardown");
+            }
+            Vec::new()
+        })
+        .await;
+        c.phase(Phase::Connections, async {
+            let mut errors = Vec::new();
+            if vm_alive {
                 if let Err(e) = self
                     .agent
                     .remove_container(ctx(self.config.timeouts.shutdown_grace), &process(&self.id))
                     .await
                 {
-                    tracing::warn!(id = %self.id, error = %e, "agent RemoveContainer failed");
+                    errors.push(format!("agent RemoveContainer: {e}"));
                 }
             }
+            // The stdio vsock streams.
             self.pumps.lock().await.abort();
-            let report = vm.shutdown().await;
-            errors.extend(report.cleanup_errors);
-        } else {
-            self.pumps.lock().await.abort();
-        }
-        errors.extend(spinbox_storage::release(&self.rootfs.owned));
-        match std::fs::remove_dir_all(&self.work_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => errors.push(format!("removing {}: {e}", self.work_dir.display())),
-        }
+            errors
+        })
+        .await;
+        let vm = self.vm.lock().await.take();
+        c.phase(Phase::Vm, release_vm(vm)).await;
+        // No network resources yet: containers get a fresh network namespace with lo only.
+        c.phase(Phase::Network, async { Vec::new() }).await;
+        let ok = c.ok_so_far();
+        c.phase(
+            Phase::Mounts,
+            release_mounts(Some(&self.rootfs), &self.work_dir, &self.state, ok),
+        )
+        .await;
         if self.status() != Status::Stopped {
             self.set_status(Status::Stopped);
         }
-        errors
+        c.finish()
     }
 }
 
-/// Undoes a create that failed after the rootfs was prepared: the VM (if it got that far) is
-/// shut down, then the container's images and data directory are removed. Errors are logged:
-/// the create's own error is what the caller reports.
-async fn rollback(vm: Option<Vm>, prepared: &PreparedRootfs, work_dir: &Path) {
-    if let Some(vm) = vm {
-        for e in vm.shutdown().await.cleanup_errors {
-            tracing::warn!(error = %e, "rollback: VM cleanup");
+/// Reads the bundle's spec and finds the rootfs source.
+async fn load_bundle(
+    opts: &CreateOpts,
+) -> Result<(Vec<u8>, spinbox_storage::RootfsSource, bool), ContainerError> {
+    let spec_path = opts.bundle.join("config.json");
+    let spec = tokio::fs::read(&spec_path)
+        .await
+        .map_err(|e| ContainerError::Bundle {
+            path: spec_path.clone(),
+            reason: e.to_string(),
+        })?;
+    let parsed: serde_json::Value =
+        serde_json::from_slice(&spec).map_err(|e| ContainerError::Bundle {
+            path: spec_path.clone(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+    let read_only = parsed["root"]["readonly"].as_bool().unwrap_or(false);
+    if parsed["process"]["terminal"].as_bool().unwrap_or(false) {
+        return Err(ContainerError::Unsupported(
+            "process.terminal: TTY containers are not supported yet".into(),
+        ));
+    }
+    let source = if opts.rootfs.is_empty() {
+        // No snapshot mounts (`ctr run --config`, a pre-made bundle): the spec's root.path,
+        // relative to the bundle, is the rootfs directory.
+        let root = parsed["root"]["path"].as_str().unwrap_or("rootfs");
+        let path = opts.bundle.join(root);
+        if !path.is_dir() {
+            return Err(ContainerError::Bundle {
+                path: spec_path.clone(),
+                reason: format!(
+                    "root.path {} is not a directory and containerd gave no rootfs mounts",
+                    path.display()
+                ),
+            });
         }
-    }
-    for e in spinbox_storage::release(&prepared.owned) {
-        tracing::warn!(error = %e, "rollback: releasing rootfs");
-    }
-    let _ = tokio::fs::remove_dir_all(work_dir).await;
+        spinbox_storage::RootfsSource::Dir { path, read_only }
+    } else {
+        spinbox_storage::parse_rootfs(&opts.rootfs)?
+    };
+    Ok((spec, source, read_only))
 }
 
-/// Reclaims what a dead shim left for `id`: its VM (processes verified by start time, state
-/// directory) and the container's data directory. Idempotent.
-pub async fn reclaim(config: &Config, id: &str) -> Vec<String> {
+/// The VM phase: the shutdown ladder, then the VM's host side (backend, console log, files).
+async fn release_vm(vm: Option<Vm>) -> Vec<String> {
+    match vm {
+        Some(vm) => {
+            let report = vm.shutdown().await;
+            tracing::info!(
+                vm = %report.vm_id,
+                graceful = report.graceful,
+                duration_ms = report.duration_ms,
+                "VM down"
+            );
+            vm.release().await
+        }
+        None => Vec::new(),
+    }
+}
+
+/// The mounts phase: the container's images and data directory, then — only when everything
+/// before succeeded — the state directory with its record, last, so that whatever could not
+/// be released stays recorded for `shim delete` / `spinbox gc`.
+async fn release_mounts(
+    rootfs: Option<&PreparedRootfs>,
+    work_dir: &Path,
+    state: &StateDir,
+    earlier_ok: bool,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Some(rootfs) = rootfs {
+        errors.extend(spinbox_storage::release(&rootfs.owned));
+    }
+    match tokio::fs::remove_dir_all(work_dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(format!("removing {}: {e}", work_dir.display())),
+    }
+    if earlier_ok && errors.is_empty() {
+        if let Err(e) = state.remove() {
+            errors.push(format!("removing {}: {e}", state.path().display()));
+        }
+    } else {
+        tracing::warn!(dir = %state.path().display(), "state record kept: cleanup incomplete");
+    }
+    errors
+}
+
+/// Reclaims what a dead shim left: the VM and everything its record names (processes verified
+/// by start time, files, the container's data directory), then the state directory. `dir` is
+/// the state directory the shim recorded in the bundle, or `<paths.state_dir>/<id>`.
+/// Idempotent.
+pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Vec<String> {
     let mut errors = Vec::new();
     if spinbox_vmm::state::validate_id(id).is_err() {
         return vec![format!("refusing to reclaim invalid id {id:?}")];
     }
-    let dir = config.paths.state_dir.join(id);
-    if let Ok(record) = spinbox_vmm::state::read_record(&dir) {
-        for f in &record.files {
-            let _ = spinbox_vmm::state::remove_file_if_exists(f);
-        }
-    }
+    let dir = dir.unwrap_or_else(|| config.paths.state_dir.join(id));
     match spinbox_vmm::state::reclaim(&dir).await {
         Ok(killed) if !killed.is_empty() => {
             tracing::warn!(id, killed = ?killed, "reclaimed processes of a dead shim")
@@ -510,6 +781,7 @@ pub async fn reclaim(config: &Config, id: &str) -> Vec<String> {
         Ok(_) => {}
         Err(e) => errors.push(format!("reclaiming {}: {e}", dir.display())),
     }
+    // A record older than its data directory's entry (or none at all): the default place.
     let work = work_dir(config, id);
     match std::fs::remove_dir_all(&work) {
         Ok(()) => {}

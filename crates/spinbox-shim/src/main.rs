@@ -6,11 +6,14 @@
 //! Logs go through `tracing` (bridged to containerd's log pipe by the shim crate); containerd's
 //! `--debug` raises the level.
 
+mod cleanup;
 mod container;
+mod events;
+mod lifecycle;
 mod service;
 mod stdio;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
@@ -20,7 +23,7 @@ use containerd_shim_protos::api::DeleteResponse;
 use spinbox_config::Config;
 use tokio::sync::Notify;
 
-use crate::service::TaskService;
+use crate::service::{Shared, TaskService};
 
 const RUNTIME_ID: &str = "io.containerd.spinbox.v2";
 /// File in the bundle directory (the shim's working directory) holding the shim's address.
@@ -30,6 +33,8 @@ struct SpinboxShim {
     id: String,
     namespace: String,
     exit: Arc<Notify>,
+    /// The task service's shared state, for the signal handler.
+    shared: OnceLock<Arc<Shared>>,
 }
 
 fn load_config() -> Result<Config, ShimError> {
@@ -45,6 +50,7 @@ impl Shim for SpinboxShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
             exit: Arc::new(Notify::new()),
+            shared: OnceLock::new(),
         }
     }
 
@@ -63,7 +69,14 @@ impl Shim for SpinboxShim {
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
         let config = load_config()?;
-        let mut errors = container::reclaim(&config, &self.id).await;
+        // The state directory the dead shim recorded in the bundle (its per-task config may
+        // have put it elsewhere than ours).
+        let recorded = tokio::fs::read(service::STATE_POINTER_FILE)
+            .await
+            .ok()
+            .map(|b| std::path::PathBuf::from(String::from_utf8_lossy(&b).into_owned()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()) == Some(self.id.as_str()));
+        let mut errors = container::reclaim(&config, &self.id, recorded).await;
         // The dead shim's socket.
         if let Ok(address) = tokio::fs::read_to_string(ADDRESS_FILE).await {
             let path = address.trim().trim_start_matches("unix://");
@@ -87,7 +100,32 @@ impl Shim for SpinboxShim {
     }
 
     async fn wait(&mut self) {
-        self.exit.notified().await;
+        // The shim crate only logs SIGTERM/SIGINT; here they shut the shim down in order.
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "installing the SIGTERM handler");
+                    None
+                }
+            };
+        let mut int =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+        let signalled = async {
+            tokio::select! {
+                Some(_) = async { term.as_mut()?.recv().await } => "SIGTERM",
+                Some(_) = async { int.as_mut()?.recv().await } => "SIGINT",
+            }
+        };
+        tokio::select! {
+            _ = self.exit.notified() => {}
+            why = signalled => {
+                tracing::warn!(signal = why, "signalled: shutting down");
+                if let Some(shared) = self.shared.get() {
+                    shared.shutdown_all(why).await;
+                }
+            }
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
@@ -98,7 +136,10 @@ impl Shim for SpinboxShim {
                 Config::default()
             }
         };
-        TaskService::new(config, self.namespace.clone(), publisher, self.exit.clone())
+        let service =
+            TaskService::new(config, self.namespace.clone(), publisher, self.exit.clone());
+        let _ = self.shared.set(service.shared());
+        service
     }
 }
 

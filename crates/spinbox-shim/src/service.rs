@@ -14,8 +14,9 @@ use containerd_shim_protos::api::{
     StartRequest, StartResponse, StateRequest, StateResponse, WaitRequest, WaitResponse,
 };
 use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::topics;
 use containerd_shim_protos::types::task::{ProcessInfo, Status as TaskStatus};
@@ -25,16 +26,24 @@ use tokio::sync::{Mutex, Notify};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
+use crate::cleanup::{Cleanup, Phase};
 use crate::container::{Container, ContainerError, CreateOpts, ExitInfo, Status};
+use crate::events::{self, Events};
+use crate::lifecycle::{Lifecycle, LifecycleError, State};
 use crate::stdio::StdioPaths;
 
+/// The task service; the state it shares with the tasks it spawns (exit watchers, the VM
+/// death monitor, the signal handler) lives in [`Shared`].
 pub struct TaskService {
+    shared: Arc<Shared>,
+}
+
+pub struct Shared {
     config: Config,
     namespace: String,
-    publisher: Arc<RemotePublisher>,
+    events: Events,
+    lifecycle: Lifecycle,
     containers: Mutex<HashMap<String, Arc<Container>>>,
-    /// Ids whose Create is in progress: a second Create of the same id is refused.
-    creating: Mutex<std::collections::HashSet<String>>,
     exit: Arc<Notify>,
 }
 
@@ -43,16 +52,11 @@ fn status(code: Code, msg: impl Into<String>) -> TtrpcError {
 }
 
 fn to_ttrpc(e: ContainerError) -> TtrpcError {
-    let code = match &e {
-        ContainerError::InvalidId { .. } | ContainerError::Bundle { .. } => Code::INVALID_ARGUMENT,
-        ContainerError::Unsupported(_) => Code::UNIMPLEMENTED,
-        ContainerError::Rootfs(_) | ContainerError::Stdio(_) => Code::INTERNAL,
-        ContainerError::Vm(_) => Code::UNAVAILABLE,
-        ContainerError::Agent { code, .. } => *code,
-        ContainerError::NotRunning(_) => Code::NOT_FOUND,
-        ContainerError::AlreadyStarted(_) => Code::FAILED_PRECONDITION,
-    };
-    status(code, e.to_string())
+    status(e.code(), e.to_string())
+}
+
+fn lifecycle_err(id: &str, e: LifecycleError) -> TtrpcError {
+    status(e.code(), format!("container {id}: {e}"))
 }
 
 /// A protobuf timestamp for containerd.
@@ -64,6 +68,60 @@ pub(crate) fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
     MessageField::some(ts)
 }
 
+/// File in the bundle naming the container's state directory, for `shim delete` after a
+/// crash (the bundle is the only thing containerd hands it).
+pub const STATE_POINTER_FILE: &str = "spinbox-state";
+
+/// The config a Create runs with: the runtime options' `ConfigPath` (containerd's
+/// `runtimeoptions.v1.Options`, set by `ctr run --runtime-config-path` or a CRI runtime
+/// handler's `options.ConfigPath`) when given, else the shim's own.
+fn config_for(options: &MessageField<Any>, default: &Config) -> Result<Config, TtrpcError> {
+    let Some(any) = options.as_ref() else {
+        return Ok(default.clone());
+    };
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        return Err(status(
+            Code::INVALID_ARGUMENT,
+            format!(
+                "runtime options of type {:?} are not understood (spinbox takes runtimeoptions.v1.Options with ConfigPath)",
+                any.type_url
+            ),
+        ));
+    }
+    let path = runtime_options_config_path(&any.value).map_err(|e| {
+        status(
+            Code::INVALID_ARGUMENT,
+            format!("runtime options: not a valid runtimeoptions.v1.Options: {e}"),
+        )
+    })?;
+    match path {
+        Some(p) if !p.is_empty() => Config::from_file(std::path::Path::new(&p)).map_err(|e| {
+            status(
+                Code::INVALID_ARGUMENT,
+                format!("runtime options ConfigPath: {e}"),
+            )
+        }),
+        _ => Ok(default.clone()),
+    }
+}
+
+/// Field 2 (`config_path`) of `runtimeoptions.v1.Options` { type_url = 1; config_path = 2;
+/// config_body = 3 }.
+fn runtime_options_config_path(bytes: &[u8]) -> protobuf::Result<Option<String>> {
+    let mut input = protobuf::CodedInputStream::from_bytes(bytes);
+    let mut path = None;
+    while let Some(tag) = input.read_raw_tag_or_eof()? {
+        if tag == (2 << 3) | 2 {
+            path = Some(input.read_string()?);
+        } else {
+            input.skip_field(protobuf::rt::WireType::new(tag & 7).ok_or_else(|| {
+                protobuf::Error::from(std::io::Error::other(format!("bad wire type in tag {tag}")))
+            })?)?;
+        }
+    }
+    Ok(path)
+}
+
 impl TaskService {
     pub fn new(
         config: Config,
@@ -71,14 +129,25 @@ impl TaskService {
         publisher: RemotePublisher,
         exit: Arc<Notify>,
     ) -> Self {
+        let events = Events::new(
+            publisher,
+            namespace.clone(),
+            config.timeouts.event_reconnect,
+        );
         TaskService {
-            config,
-            namespace,
-            publisher: Arc::new(publisher),
-            containers: Mutex::new(HashMap::new()),
-            creating: Mutex::new(Default::default()),
-            exit,
+            shared: Arc::new(Shared {
+                config,
+                namespace,
+                events,
+                lifecycle: Lifecycle::default(),
+                containers: Mutex::new(HashMap::new()),
+                exit,
+            }),
         }
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
     }
 
     async fn get(&self, id: &str, exec_id: &str) -> ttrpc::Result<Arc<Container>> {
@@ -88,58 +157,49 @@ impl TaskService {
                 format!("exec processes are not supported yet (exec id {exec_id:?})"),
             ));
         }
-        self.containers
+        self.shared
+            .containers
             .lock()
             .await
             .get(id)
             .cloned()
             .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))
     }
-
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        publish_with_retry(
-            &self.publisher,
-            &self.namespace,
-            topic,
-            event,
-            self.config.timeouts.event_reconnect,
-        )
-        .await;
-    }
 }
 
-/// Attempts to hand an event to containerd before it is dropped (and logged).
-const PUBLISH_ATTEMPTS: u32 = 3;
-
-/// Publishes an event; when the publisher refuses it (containerd unreachable, queue full),
-/// waits `timeouts.event_reconnect` and tries again, a bounded number of times.
-async fn publish_with_retry(
-    publisher: &RemotePublisher,
-    namespace: &str,
-    topic: &str,
-    event: Box<dyn MessageDyn>,
-    retry_after: std::time::Duration,
-) {
-    let mut last = String::new();
-    for attempt in 1..=PUBLISH_ATTEMPTS {
-        match publisher
-            .publish(
-                ttrpc::context::Context::default(),
-                topic,
-                namespace,
-                event.clone_box(),
-            )
-            .await
-        {
-            Ok(()) => return,
-            Err(e) => {
-                last = e.to_string();
-                tracing::warn!(topic, attempt, error = %e, "publishing event; retrying");
-                tokio::time::sleep(retry_after).await;
-            }
-        }
+impl Shared {
+    /// VM death: TaskExit goes out as soon as the exit watcher has what reached the host, then
+    /// the shim shuts down and cleans up (containerd's Delete afterwards gets the same result).
+    async fn on_vm_death(self: Arc<Self>, c: Arc<Container>) {
+        self.lifecycle.begin_shutdown();
+        let info = c.wait().await;
+        tracing::warn!(id = %c.id, status = info.status, "cleaning up after VM death");
+        c.destroy().await;
     }
-    tracing::error!(topic, error = %last, "event dropped after {PUBLISH_ATTEMPTS} attempts");
+
+    /// Shim shutdown (Shutdown RPC with nothing left, or SIGTERM): every container torn down,
+    /// then the event channel closed, last.
+    pub async fn shutdown_all(&self, why: &str) {
+        self.lifecycle.begin_shutdown();
+        let live: Vec<Arc<Container>> = self.containers.lock().await.values().cloned().collect();
+        if !live.is_empty() {
+            tracing::warn!(
+                why,
+                containers = live.len(),
+                "shim shutting down with containers"
+            );
+        }
+        for c in live {
+            c.destroy().await;
+        }
+        // The containers' phases ran in their own cleanups; the event channel is the shim's
+        // and closes last, once every queued event (TaskExit, TaskDelete) had its chance.
+        let limit = events::close_limit(self.config.timeouts.event_reconnect);
+        let mut c = Cleanup::new("shim");
+        c.phase(Phase::Events, self.events.close(limit)).await;
+        c.finish();
+        self.exit.notify_one();
+    }
 }
 
 #[async_trait]
@@ -150,15 +210,12 @@ impl Task for TaskService {
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
         let id = req.id.clone();
+        let sh = &self.shared;
         tracing::info!(id = %id, bundle = %req.bundle, "create");
-        if self.containers.lock().await.contains_key(&id)
-            || !self.creating.lock().await.insert(id.clone())
-        {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("container {id} already exists"),
-            ));
-        }
+        let config = config_for(&req.options, &sh.config)?;
+        sh.lifecycle
+            .transition(State::Idle, State::Creating)
+            .map_err(|e| lifecycle_err(&id, e))?;
         let opts = CreateOpts {
             id: id.clone(),
             bundle: PathBuf::from(&req.bundle),
@@ -177,19 +234,42 @@ impl Task for TaskService {
                 stderr: req.stderr.clone(),
                 terminal: req.terminal,
             },
-            namespace: self.namespace.clone(),
+            namespace: sh.namespace.clone(),
         };
-        let result = Container::create(opts, &self.config).await;
-        self.creating.lock().await.remove(&id);
-        let container = result.map_err(|e| {
-            tracing::error!(id = %id, error = %e, "create failed");
-            to_ttrpc(e)
-        })?;
+        // Where `shim delete` finds the record if this shim dies.
+        let pointer = PathBuf::from(&req.bundle).join(STATE_POINTER_FILE);
+        let state_dir = config.paths.state_dir.join(&id);
+        if let Err(e) = tokio::fs::write(&pointer, state_dir.as_os_str().as_encoded_bytes()).await {
+            let _ = sh.lifecycle.transition(State::Creating, State::Idle);
+            return Err(status(
+                Code::INTERNAL,
+                format!("writing {}: {e}", pointer.display()),
+            ));
+        }
+        let container = match Container::create(opts, &config).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(id = %id, error = %e, "create failed");
+                let _ = sh.lifecycle.transition(State::Creating, State::Idle);
+                return Err(to_ttrpc(e));
+            }
+        };
+        if let Err(e) = sh.lifecycle.transition(State::Creating, State::Running) {
+            // The shim began shutting down while this create ran (SIGTERM).
+            container.destroy().await;
+            return Err(lifecycle_err(&id, e));
+        }
         let pid = container.pid;
-        self.containers
+        sh.containers
             .lock()
             .await
-            .insert(id.clone(), Arc::new(container));
+            .insert(id.clone(), Arc::clone(&container));
+        // VM death, whenever it comes, ends in TaskExit and a cleanup.
+        let monitor = Arc::clone(sh);
+        tokio::spawn(async move {
+            container.vm_died().await;
+            monitor.on_vm_death(container).await;
+        });
         let mut ev = TaskCreate::new();
         ev.container_id = id.clone();
         ev.bundle = req.bundle.clone();
@@ -201,8 +281,8 @@ impl Task for TaskService {
         io.terminal = req.terminal;
         ev.io = MessageField::some(io);
         ev.pid = pid;
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
-            .await;
+        sh.events
+            .publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev));
         let mut resp = CreateTaskResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -210,9 +290,7 @@ impl Task for TaskService {
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
         let c = self.get(&req.id, &req.exec_id).await?;
-        let publisher = Arc::clone(&self.publisher);
-        let namespace = self.namespace.clone();
-        let retry_after = self.config.timeouts.event_reconnect;
+        let shared = Arc::clone(&self.shared);
         let id = c.id.clone();
         let pid = c.pid;
         let on_exit = move |info: ExitInfo| {
@@ -222,23 +300,17 @@ impl Task for TaskService {
             ev.pid = pid;
             ev.exit_status = info.status;
             ev.exited_at = timestamp(info.at);
-            tokio::spawn(async move {
-                publish_with_retry(
-                    &publisher,
-                    &namespace,
-                    topics::TASK_EXIT_EVENT_TOPIC,
-                    Box::new(ev),
-                    retry_after,
-                )
-                .await;
-            });
+            shared
+                .events
+                .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
         };
         let pid = c.start(on_exit).await.map_err(to_ttrpc)?;
         let mut ev = TaskStart::new();
         ev.container_id = c.id.clone();
         ev.pid = pid;
-        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
-            .await;
+        self.shared
+            .events
+            .publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev));
         let mut resp = StartResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -304,16 +376,24 @@ impl Task for TaskService {
         req: DeleteRequest,
     ) -> ttrpc::Result<DeleteResponse> {
         let c = self.get(&req.id, &req.exec_id).await?;
+        let sh = &self.shared;
         if c.status() == Status::Running {
             return Err(status(
                 Code::FAILED_PRECONDITION,
                 format!("container {} is running; kill it first", c.id),
             ));
         }
-        let errors = c.destroy().await;
-        self.containers.lock().await.remove(&c.id);
-        if !errors.is_empty() {
-            tracing::error!(id = %c.id, errors = ?errors, "delete: cleanup incomplete");
+        // After a VM death the shim is already shutting down and cleaning up: Delete waits
+        // for that cleanup and reports it.
+        let deleting = match sh.lifecycle.transition(State::Running, State::Deleting) {
+            Ok(()) => true,
+            Err(LifecycleError::ShutdownInProgress) => false,
+            Err(e) => return Err(lifecycle_err(&c.id, e)),
+        };
+        let report = c.destroy().await;
+        sh.containers.lock().await.remove(&c.id);
+        if deleting {
+            let _ = sh.lifecycle.transition(State::Deleting, State::Idle);
         }
         let info = c.exit_info().unwrap_or(ExitInfo {
             status: 0,
@@ -325,8 +405,20 @@ impl Task for TaskService {
         ev.pid = c.pid;
         ev.exit_status = info.status;
         ev.exited_at = timestamp(info.at);
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
-            .await;
+        sh.events
+            .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev));
+        if !report.ok() {
+            let phases: Vec<&str> = report.failed_phases().iter().map(|p| p.as_str()).collect();
+            return Err(lifecycle_err(
+                &c.id,
+                LifecycleError::CleanupIncomplete(format!(
+                    "phases {} failed: {} (what remains is recorded in {} for `spinbox gc`)",
+                    phases.join(","),
+                    report.summary(),
+                    c.state_dir().display()
+                )),
+            ));
+        }
         let mut resp = DeleteResponse::new();
         resp.pid = c.pid;
         resp.exit_status = info.status;
@@ -357,14 +449,43 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
-        let live: Vec<Arc<Container>> = self.containers.lock().await.values().cloned().collect();
-        if !live.is_empty() {
+        if !self.shared.containers.lock().await.is_empty() {
             // containerd sends Shutdown after Delete; with containers left it is a no-op,
             // as with runc's shim.
             return Ok(Empty::new());
         }
-        tracing::info!("shutdown: no containers left, exiting");
-        self.exit.notify_one();
+        tracing::info!(state = %self.shared.lifecycle.get(), "shutdown: no containers left, exiting");
+        let shared = Arc::clone(&self.shared);
+        // The reply goes out first; the events phase and the exit follow.
+        tokio::spawn(async move { shared.shutdown_all("Shutdown RPC").await });
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_options_config_path_is_read_from_field_two() {
+        // type_url = "x" (1), config_path = "/etc/a.json" (2), config_body = "b" (3).
+        let mut bytes = vec![0x0a, 1, b'x', 0x12, 11];
+        bytes.extend_from_slice(b"/etc/a.json");
+        bytes.extend_from_slice(&[0x1a, 1, b'b']);
+        assert_eq!(
+            runtime_options_config_path(&bytes).unwrap().as_deref(),
+            Some("/etc/a.json")
+        );
+        assert_eq!(runtime_options_config_path(&[]).unwrap(), None);
+        assert!(runtime_options_config_path(&[0x12, 50, b'a']).is_err());
+    }
+
+    #[test]
+    fn unknown_runtime_options_are_refused_naming_the_type() {
+        let mut any = Any::new();
+        any.type_url = "containerd.runc.v1.Options".into();
+        let e = config_for(&MessageField::some(any), &Config::default()).unwrap_err();
+        assert!(e.to_string().contains("containerd.runc.v1.Options"), "{e}");
+        assert!(config_for(&MessageField::none(), &Config::default()).is_ok());
     }
 }

@@ -1,9 +1,10 @@
 //! The per-VM state directory and its record.
 //!
-//! `<paths.state_dir>/<id>/` (mode 0700) holds the QMP socket, the vsock sockets and
-//! `vm.json`, which names every process and file the VM owns outside the runtime's memory. The
-//! record is rewritten as each resource comes into existence, so whoever finds a directory
-//! left by a crashed runtime can reclaim exactly what it holds ([`reclaim`]).
+//! `<paths.state_dir>/<id>/` (mode 0700) holds the QMP socket, the vsock sockets, `vm.json`
+//! and, once a shutdown began, `shutdown.json`. `vm.json` names every process, file and
+//! directory the VM and its container own outside the runtime's memory, and is rewritten
+//! *before* each of them comes into existence, so whoever finds a directory left by a crashed
+//! runtime can reclaim exactly what it holds ([`reclaim`]).
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -15,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::process::ProcessRecord;
 
 pub const RECORD_FILE: &str = "vm.json";
+/// The shutdown ladder's record ([`crate::ShutdownReport`]), rewritten at each step.
+pub const SHUTDOWN_RECORD_FILE: &str = "shutdown.json";
 
 /// What a VM owns outside the runtime's memory.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -28,6 +31,79 @@ pub struct VmRecord {
     pub vsock_backend: Option<ProcessRecord>,
     /// Files outside the state directory (the console log).
     pub files: Vec<PathBuf>,
+    /// Directories outside the state directory (the container's data: its writable layer).
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+}
+
+impl VmRecord {
+    /// Whether the runtime that wrote this record still runs (pid and start time match).
+    pub fn owner_alive(&self) -> bool {
+        self.owner.is_some_and(|o| o.is_alive())
+    }
+}
+
+/// A state directory in use, and its record. The record is written to disk on every change,
+/// before the resource it names is created.
+#[derive(Debug)]
+pub struct StateDir {
+    path: PathBuf,
+    record: tokio::sync::Mutex<VmRecord>,
+}
+
+impl StateDir {
+    /// Creates `<root>/<id>` owner-only (healing an orphan left there, refusing a live VM's,
+    /// see [`create_dir`]) and writes a record naming this process as the owner.
+    pub async fn create(root: &Path, id: &str) -> io::Result<StateDir> {
+        validate_id(id).map_err(|r| io::Error::new(io::ErrorKind::InvalidInput, r))?;
+        let path = root.join(id);
+        create_dir(&path).await?;
+        let record = VmRecord {
+            id: id.to_owned(),
+            owner: ProcessRecord::of(std::process::id()).ok(),
+            ..Default::default()
+        };
+        let dir = StateDir {
+            path,
+            record: tokio::sync::Mutex::new(VmRecord::default()),
+        };
+        if let Err(e) = dir.update(|r| *r = record).await {
+            let _ = std::fs::remove_dir_all(&dir.path);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub async fn record(&self) -> VmRecord {
+        self.record.lock().await.clone()
+    }
+
+    /// Changes the record and writes it (atomically, synced) before returning.
+    pub async fn update(&self, change: impl FnOnce(&mut VmRecord)) -> io::Result<()> {
+        let mut guard = self.record.lock().await;
+        let mut next = guard.clone();
+        change(&mut next);
+        let dir = self.path.clone();
+        let written = next.clone();
+        tokio::task::spawn_blocking(move || write_record(&dir, &written))
+            .await
+            .map_err(io::Error::other)??;
+        *guard = next;
+        Ok(())
+    }
+
+    /// Removes the directory with everything in it (the record last of all). Idempotent.
+    pub fn remove(&self) -> io::Result<()> {
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Validates a VM id: it becomes a directory name, so it must be one safe path component.
@@ -54,8 +130,13 @@ pub fn validate_id(id: &str) -> Result<(), String> {
 }
 
 pub fn write_record(dir: &Path, record: &VmRecord) -> io::Result<()> {
-    let tmp = dir.join(".vm.json.tmp");
-    let data = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+    write_json(dir, RECORD_FILE, record)
+}
+
+/// Writes `value` as `dir/name`, owner-only, atomically (temporary file + rename), synced.
+pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let data = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -67,7 +148,7 @@ pub fn write_record(dir: &Path, record: &VmRecord) -> io::Result<()> {
         f.write_all(&data)?;
         f.sync_data()?;
     }
-    std::fs::rename(&tmp, dir.join(RECORD_FILE))
+    std::fs::rename(&tmp, dir.join(name))
 }
 
 pub fn read_record(dir: &Path) -> io::Result<VmRecord> {
@@ -107,8 +188,9 @@ pub async fn create_dir(dir: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().mode(0o700).create(dir)
 }
 
-/// Kills what a record names (verified by start time) and removes the directory and its
-/// files. Idempotent; returns what it found alive.
+/// Kills what a record names (verified by start time: a pid now used by another process is
+/// never signalled), removes the files and directories it names, then the state directory.
+/// Idempotent; returns the processes it found alive and killed.
 pub async fn reclaim(dir: &Path) -> io::Result<Vec<ProcessRecord>> {
     let mut killed = Vec::new();
     let record = match read_record(dir) {
@@ -133,6 +215,13 @@ pub async fn reclaim(dir: &Path) -> io::Result<Vec<ProcessRecord>> {
         }
         for file in &record.files {
             remove_file_if_exists(file)?;
+        }
+        for d in &record.dirs {
+            match std::fs::remove_dir_all(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     match std::fs::remove_dir_all(dir) {
@@ -193,15 +282,29 @@ mod tests {
             .arg("60")
             .spawn()
             .unwrap();
+        // A live process whose pid the record names with another start time: a recycled
+        // pid, which must never be signalled.
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let recycled = ProcessRecord {
+            pid: bystander.id(),
+            start_time: ProcessRecord::of(bystander.id()).unwrap().start_time + 1,
+        };
         let outside = root.path().join("console.log");
         std::fs::write(&outside, "x").unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir_all(data.join("sub")).unwrap();
         let rec = VmRecord {
             id: "vm1".into(),
             owner: Some(gone_owner),
             qemu: Some(ProcessRecord::of(orphan.id()).unwrap()),
-            vsock_backend: None,
+            vsock_backend: Some(recycled),
             files: vec![outside.clone()],
+            dirs: vec![data.clone()],
         };
+        assert!(!rec.owner_alive());
         write_record(&dir, &rec).unwrap();
         assert_eq!(read_record(&dir).unwrap(), rec);
 
@@ -222,10 +325,36 @@ mod tests {
         assert!(dir.exists());
         assert!(!dir.join(RECORD_FILE).exists());
         assert!(!outside.exists());
+        assert!(!data.exists());
         assert!(!reaper.join().unwrap().unwrap().success());
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "a pid whose start time differs from the record was killed"
+        );
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
         // Idempotent.
         reclaim(&dir).await.unwrap();
         reclaim(&dir).await.unwrap();
         assert!(!dir.exists());
+    }
+
+    #[tokio::test]
+    async fn state_dir_writes_its_record_before_returning() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = StateDir::create(root.path(), "vm2").await.unwrap();
+        let on_disk = read_record(dir.path()).unwrap();
+        assert_eq!(on_disk.id, "vm2");
+        assert!(on_disk.owner_alive());
+        let extra = root.path().join("work");
+        dir.update(|r| r.dirs.push(extra.clone())).await.unwrap();
+        assert_eq!(read_record(dir.path()).unwrap().dirs, vec![extra]);
+        // A second StateDir for the same id, while this process (the owner) lives: refused.
+        let e = StateDir::create(root.path(), "vm2").await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(StateDir::create(root.path(), "../x").await.is_err());
+        dir.remove().unwrap();
+        dir.remove().unwrap();
+        assert!(!root.path().join("vm2").exists());
     }
 }

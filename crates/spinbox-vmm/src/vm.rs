@@ -4,7 +4,8 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use spinbox_agent_api::agent::{HealthRequest, HealthResponse, PrepareShutdownRequest};
@@ -16,7 +17,7 @@ use crate::accel::{resolve_accel, resolve_vsock, HostCaps, VsockKind};
 use crate::cmdline::{self, QemuCommandLine};
 use crate::process::{self, PassFd, ProcessRecord};
 use crate::qmp::{Qmp, QmpError};
-use crate::state::{self, VmRecord};
+use crate::state::{self, StateDir};
 use crate::vsock::{self, VsockTransport};
 
 /// Guest CID on the vhost-user path: each VM has its own backend, so the CID is private to it.
@@ -100,6 +101,8 @@ pub struct BootInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ShutdownStep {
+    /// QEMU had already exited when the shutdown began (VM death): nothing to climb.
+    AlreadyExited,
     AgentPrepare,
     CtrlAltDel,
     AcpiPowerdown,
@@ -129,15 +132,19 @@ pub enum ShutdownEvent {
     },
 }
 
-/// How a shutdown went: the events in order, and whether it needed force.
+/// How a shutdown went: the events in order, and whether it needed force. Written as
+/// `shutdown.json` in the state directory at every event (so a crash mid-shutdown leaves how
+/// far it got), and logged one line per event.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShutdownReport {
     pub vm_id: String,
+    /// Wall-clock start, milliseconds since the Unix epoch; events' `at_ms` count from here.
+    pub started_unix_ms: u64,
     pub events: Vec<ShutdownEvent>,
+    /// Whether it finished (false only while the ladder is still climbing).
+    pub complete: bool,
     pub graceful: bool,
     pub duration_ms: u64,
-    /// Errors releasing host resources after the VM was gone.
-    pub cleanup_errors: Vec<String>,
 }
 
 /// A disk to attach at boot.
@@ -157,7 +164,10 @@ pub struct VmOptions {
 /// A running microVM whose agent has answered.
 pub struct Vm {
     id: String,
-    dir: PathBuf,
+    state: Arc<StateDir>,
+    /// Whether the VM created its state directory (and removes it on release) or was given
+    /// one by its caller (who records more there, and removes it last).
+    owns_state: bool,
     console_log: PathBuf,
     config: Config,
     qemu: ProcessRecord,
@@ -167,8 +177,48 @@ pub struct Vm {
     transport: VsockTransport,
     agent: AgentClient,
     boot: BootInfo,
+    /// The shutdown's outcome: the first caller climbs the ladder, later and concurrent
+    /// callers wait for it and get the same report.
+    shutdown: tokio::sync::OnceCell<ShutdownReport>,
     // Held so the kernel keeps the CID claimed for this VM until it is gone.
     _vhost_fd: Option<OwnedFd>,
+}
+
+/// Files a VM creates in its state directory (besides the records).
+const VM_FILES: [&str; 5] = [
+    "qmp.sock",
+    "vhost-vsock.sock",
+    "vsock.sock",
+    "qemu.stderr",
+    "vhost-device-vsock.stderr",
+];
+
+/// Removes what a VM put in a state directory it does not own, and forgets its processes
+/// and console log in the record.
+async fn forget_vm_files(state: &StateDir, console_log: &Path) -> Vec<String> {
+    let mut errors = Vec::new();
+    for name in VM_FILES {
+        if let Err(e) = state::remove_file_if_exists(&state.path().join(name)) {
+            errors.push(format!(
+                "removing {name} from {}: {e}",
+                state.path().display()
+            ));
+        }
+    }
+    if let Err(e) = state
+        .update(|r| {
+            r.qemu = None;
+            r.vsock_backend = None;
+            r.files.retain(|f| f != console_log);
+        })
+        .await
+    {
+        errors.push(format!(
+            "updating the record in {}: {e}",
+            state.path().display()
+        ));
+    }
+    errors
 }
 
 struct Backend {
@@ -180,26 +230,30 @@ struct Backend {
 /// Resources acquired so far during start, released in reverse on failure.
 #[derive(Default)]
 struct Partial {
-    dir: Option<PathBuf>,
     console_log: Option<PathBuf>,
     qemu: Option<(ProcessRecord, watch::Receiver<Option<ExitStatus>>)>,
     backend: Option<Backend>,
 }
 
 impl Partial {
-    async fn rollback(self) {
+    async fn rollback(self, state: &StateDir, owns_state: bool) {
         if let Some((rec, mut exit)) = self.qemu {
             kill_and_wait(&rec, &mut exit).await;
         }
         if let Some(mut b) = self.backend {
             kill_and_wait(&b.record, &mut b.exit).await;
         }
-        if let Some(log) = self.console_log {
-            let _ = state::remove_file_if_exists(&log);
+        if let Some(log) = &self.console_log {
+            let _ = state::remove_file_if_exists(log);
         }
-        if let Some(dir) = self.dir {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "rollback: removing state directory");
+        if owns_state {
+            if let Err(e) = state.remove() {
+                tracing::warn!(dir = %state.path().display(), error = %e, "rollback: removing state directory");
+            }
+        } else {
+            let log = self.console_log.unwrap_or_default();
+            for e in forget_vm_files(state, &log).await {
+                tracing::warn!(error = %e, "rollback: VM files");
             }
         }
     }
@@ -266,13 +320,27 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+impl ShutdownStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownStep::AlreadyExited => "already-exited",
+            ShutdownStep::AgentPrepare => "agent-prepare",
+            ShutdownStep::CtrlAltDel => "ctrl-alt-del",
+            ShutdownStep::AcpiPowerdown => "acpi-powerdown",
+            ShutdownStep::QmpQuit => "qmp-quit",
+            ShutdownStep::Sigkill => "sigkill",
+        }
+    }
+}
+
 impl Vm {
     /// Boots a VM for `id` with `config` and waits until its agent answers.
     pub async fn start(id: &str, config: &Config) -> Result<Vm, VmError> {
         Vm::start_with(id, config, &VmOptions::default(), &HostCaps::probe()).await
     }
 
-    /// Boots a VM with extra disks, on a host described by `host`.
+    /// Boots a VM with extra disks, on a host described by `host`, in a state directory of its
+    /// own (`<paths.state_dir>/<id>`, removed by [`Vm::release`]).
     pub async fn start_with(
         id: &str,
         config: &Config,
@@ -283,35 +351,50 @@ impl Vm {
             id: id.to_owned(),
             reason,
         })?;
+        Vm::check_paths(config, options, host)?;
+        let dir = config.paths.state_dir.join(id);
+        let state = StateDir::create(&config.paths.state_dir, id)
+            .await
+            .map_err(|source| VmError::StateDir { path: dir, source })?;
+        Vm::start_in(Arc::new(state), true, config, options, host).await
+    }
+
+    /// Boots a VM in a state directory its caller created (and records more in). With
+    /// `owns_state` the VM removes the directory on release or failure; without, it removes
+    /// only its own files from it.
+    pub async fn start_in(
+        state: Arc<StateDir>,
+        owns_state: bool,
+        config: &Config,
+        options: &VmOptions,
+        host: &HostCaps,
+    ) -> Result<Vm, VmError> {
+        let id = state.record().await.id;
         let mut partial = Partial::default();
-        match Vm::start_inner(id, config, options, host, &mut partial).await {
+        match Vm::start_inner(&id, &state, owns_state, config, options, host, &mut partial).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
-                tracing::warn!(vm = id, error = %e, "VM start failed; rolling back");
-                partial.rollback().await;
+                tracing::warn!(vm = %id, error = %e, "VM start failed; rolling back");
+                partial.rollback(&state, owns_state).await;
                 Err(e)
             }
         }
     }
 
-    async fn start_inner(
-        id: &str,
+    /// Checks every configured file the VM needs, naming the config key that is wrong.
+    pub fn check_paths(
         config: &Config,
         options: &VmOptions,
         host: &HostCaps,
-        partial: &mut Partial,
-    ) -> Result<Vm, VmError> {
+    ) -> Result<(), VmError> {
         let paths = &config.paths;
-        let timeouts = &config.timeouts;
-        let accel = resolve_accel(config.vm.accel, host);
-        let vsock_kind = resolve_vsock(config.vm.vsock, host);
         check_file("paths.qemu", &paths.qemu)?;
         check_file("paths.kernel", &paths.kernel)?;
         check_file("paths.initrd", &paths.initrd)?;
         if let Some(fw) = &paths.firmware {
             check_file("paths.firmware", fw)?;
         }
-        if vsock_kind == VsockKind::VhostUser {
+        if resolve_vsock(config.vm.vsock, host) == VsockKind::VhostUser {
             check_file("paths.vhost_device_vsock", &paths.vhost_device_vsock)?;
         }
         for disk in &options.disks {
@@ -330,8 +413,25 @@ impl Vm {
                 });
             }
         }
+        Ok(())
+    }
 
-        let dir = paths.state_dir.join(id);
+    async fn start_inner(
+        id: &str,
+        state: &Arc<StateDir>,
+        owns_state: bool,
+        config: &Config,
+        options: &VmOptions,
+        host: &HostCaps,
+        partial: &mut Partial,
+    ) -> Result<Vm, VmError> {
+        let paths = &config.paths;
+        let timeouts = &config.timeouts;
+        let accel = resolve_accel(config.vm.accel, host);
+        let vsock_kind = resolve_vsock(config.vm.vsock, host);
+        Vm::check_paths(config, options, host)?;
+
+        let dir = state.path().to_owned();
         let socket_path = |name: &str| -> Result<PathBuf, VmError> {
             let p = dir.join(name);
             if p.as_os_str().len() > MAX_SOCKET_PATH {
@@ -347,31 +447,20 @@ impl Vm {
         let backend_sock = socket_path("vhost-vsock.sock")?;
         let vsock_uds = socket_path("vsock.sock")?;
 
-        state::create_dir(&dir)
-            .await
-            .map_err(|source| VmError::StateDir {
-                path: dir.clone(),
-                source,
-            })?;
-        partial.dir = Some(dir.clone());
         std::fs::create_dir_all(&paths.log_dir).map_err(|source| VmError::StateDir {
             path: paths.log_dir.clone(),
             source,
         })?;
         let console_log = paths.log_dir.join(format!("{id}.console.log"));
-        let mut record = VmRecord {
-            id: id.to_owned(),
-            owner: ProcessRecord::of(std::process::id()).ok(),
-            files: vec![console_log.clone()],
-            ..Default::default()
+        let record_err = |source| VmError::StateDir {
+            path: dir.clone(),
+            source,
         };
-        let save = |record: &VmRecord| {
-            state::write_record(&dir, record).map_err(|source| VmError::StateDir {
-                path: dir.clone(),
-                source,
-            })
-        };
-        save(&record)?;
+        // Recorded before it exists.
+        state
+            .update(|r| r.files.push(console_log.clone()))
+            .await
+            .map_err(record_err)?;
         state::remove_file_if_exists(&console_log).map_err(|source| VmError::StateDir {
             path: console_log.clone(),
             source,
@@ -396,9 +485,12 @@ impl Vm {
                         return Err(e);
                     }
                 };
-                record.vsock_backend = Some(backend.record);
+                let rec = backend.record;
                 partial.backend = Some(backend);
-                save(&record)?;
+                state
+                    .update(|r| r.vsock_backend = Some(rec))
+                    .await
+                    .map_err(record_err)?;
                 VsockTransport::Hybrid {
                     uds_path: vsock_uds.clone(),
                 }
@@ -509,8 +601,10 @@ impl Vm {
             }
         };
         partial.qemu = Some((qemu_rec, qemu_exit.clone()));
-        record.qemu = Some(qemu_rec);
-        save(&record)?;
+        state
+            .update(|r| r.qemu = Some(qemu_rec))
+            .await
+            .map_err(record_err)?;
         // QEMU holds the listener now; our copy is not needed.
         drop(qmp_listener);
 
@@ -540,10 +634,28 @@ impl Vm {
             }
         };
 
-        // Readiness: the agent's health answer, retried until timeouts.vm_start.
+        // Readiness: first the agent's ready line on the console, then its health answer,
+        // retried, all within timeouts.vm_start.
         let deadline = spawned_at + timeouts.vm_start;
         let port = config.vm.agent_port;
         let mut last_error = String::from("no attempt finished");
+        let marker = tokio::select! {
+            seen = wait_for_console_marker(&console_log, deadline, timeouts.task_client_retry) => seen,
+            _ = exited(qemu_exit.clone()) => {
+                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+            }
+        };
+        if !marker {
+            return Err(VmError::AgentTimeout {
+                port,
+                after: timeouts.vm_start,
+                last_error: format!(
+                    "the agent never wrote {:?} to the console",
+                    spinbox_agent_api::READY_MARKER
+                ),
+                console: console_suffix(&console_log),
+            });
+        }
         let (agent, health) = loop {
             let now = Instant::now();
             if now >= deadline {
@@ -554,11 +666,8 @@ impl Vm {
                     console: console_suffix(&console_log),
                 });
             }
-            // An attempt may take the whole remaining budget: the guest answers a CONNECT at
-            // once (accept or reset) as soon as its vsock driver is up, and abandoning a
-            // handshake the guest has not answered yet (a slow, loaded guest) is the suspected
-            // cause of one start, on a heavily loaded host, where vhost-device-vsock answered
-            // no later CONNECT at all.
+            // The agent listens by now, so a CONNECT is answered at once; an attempt may still
+            // take the whole remaining budget (a slow, loaded guest).
             let attempt_limit = deadline - now;
             let attempt = tokio::select! {
                 r = health_once(&transport, port, attempt_limit) => r,
@@ -600,10 +709,10 @@ impl Vm {
         let backend = partial.backend.take();
         partial.qemu = None;
         partial.console_log = None;
-        partial.dir = None;
         Ok(Vm {
             id: id.to_owned(),
-            dir,
+            state: Arc::clone(state),
+            owns_state,
             console_log,
             config: config.clone(),
             qemu: qemu_rec,
@@ -613,6 +722,7 @@ impl Vm {
             transport,
             agent,
             boot,
+            shutdown: tokio::sync::OnceCell::new(),
             _vhost_fd: vhost_fd,
         })
     }
@@ -624,7 +734,7 @@ impl Vm {
         &self.boot
     }
     pub fn state_dir(&self) -> &Path {
-        &self.dir
+        self.state.path()
     }
     pub fn console_log(&self) -> &Path {
         &self.console_log
@@ -663,44 +773,90 @@ impl Vm {
             })
     }
 
-    async fn wait_qemu_exit(&mut self, limit: Duration) -> bool {
-        tokio::time::timeout(limit, self.qemu_exit.wait_for(|s| s.is_some()))
+    async fn wait_qemu_exit(&self, limit: Duration) -> bool {
+        let mut rx = self.qemu_exit.clone();
+        let exited = tokio::time::timeout(limit, rx.wait_for(|s| s.is_some()))
             .await
-            .is_ok()
+            .is_ok();
+        exited
+    }
+
+    fn qemu_gone(&self) -> bool {
+        self.qemu_exit.borrow().is_some()
     }
 
     /// Shuts the VM down along the ladder — agent prepare (sync, unmount) → ctrl-alt-del →
-    /// ACPI power button → QMP quit → SIGKILL — each graceful step bounded by
-    /// `timeouts.shutdown_grace` and QMP by `timeouts.qmp_command`; then stops the vsock
-    /// backend and removes the state directory and console log.
-    pub async fn shutdown(mut self) -> ShutdownReport {
+    /// ACPI power button → QMP quit → SIGKILL. The agent and each power-off step are given
+    /// `timeouts.shutdown_grace`, QMP commands `timeouts.qmp_command`. Each event is logged
+    /// (one line, stable field names) and the report rewritten as `shutdown.json` in the state
+    /// directory. A second call, concurrent or later, waits for the first and returns its
+    /// report. Host resources stay until [`Vm::release`].
+    pub async fn shutdown(&self) -> ShutdownReport {
+        self.shutdown
+            .get_or_init(|| self.climb_ladder())
+            .await
+            .clone()
+    }
+
+    /// Whether a shutdown finished (or QEMU exited by itself).
+    pub fn is_stopped(&self) -> bool {
+        self.qemu_gone()
+    }
+
+    async fn climb_ladder(&self) -> ShutdownReport {
         let started = Instant::now();
-        let at = |t: Instant| ms(t.duration_since(started));
         let grace = self.config.timeouts.shutdown_grace;
-        let mut events = vec![ShutdownEvent::ShutdownInitiated {
-            at_ms: 0,
-            graceful: true,
-        }];
-        tracing::info!(vm = %self.id, event = "shutdown_initiated", graceful = true);
-        let mut last_step = ShutdownStep::AgentPrepare;
-        let mut graceful = true;
+        let qmp_wait = self.config.timeouts.qmp_command;
+        let mut ladder = Ladder {
+            vm: self,
+            started,
+            report: ShutdownReport {
+                vm_id: self.id.clone(),
+                started_unix_ms: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(ms)
+                    .unwrap_or(0),
+                events: Vec::new(),
+                complete: false,
+                graceful: true,
+                duration_ms: 0,
+            },
+        };
+        if self.qemu_gone() {
+            // VM death: QEMU exited on its own; nothing to ask, nothing to kill.
+            ladder.report.graceful = false;
+            ladder
+                .push(ShutdownEvent::ShutdownInitiated {
+                    at_ms: 0,
+                    graceful: false,
+                })
+                .await;
+            return ladder.complete(ShutdownStep::AlreadyExited).await;
+        }
+        ladder
+            .push(ShutdownEvent::ShutdownInitiated {
+                at_ms: 0,
+                graceful: true,
+            })
+            .await;
 
         // 1. Agent: sync and unmount. Success does not power off by itself; it makes the
         //    power-off that follows lose nothing.
         let step_start = Instant::now();
         let ctx = ttrpc::context::with_timeout(ms(grace) as i64 * 1_000_000);
-        if let Err(e) = self
-            .agent
-            .prepare_shutdown(ctx, &PrepareShutdownRequest::new())
-            .await
-        {
-            self.escalate(
-                &mut events,
-                at(Instant::now()),
-                ShutdownStep::AgentPrepare,
-                format!("agent prepare failed: {e}"),
-                step_start,
-            );
+        let request = PrepareShutdownRequest::new();
+        let prepared = tokio::select! {
+            r = self.agent.prepare_shutdown(ctx, &request) => r.map(|_| ()).map_err(|e| e.to_string()),
+            _ = exited(self.qemu_exit.clone()) => Ok(()),
+        };
+        if let Err(e) = prepared {
+            ladder
+                .escalate(
+                    ShutdownStep::AgentPrepare,
+                    format!("agent prepare failed: {e}"),
+                    step_start,
+                )
+                .await;
         }
 
         // 2..3. ctrl-alt-del, then the ACPI power button, each given `grace` to power off.
@@ -716,87 +872,62 @@ impl Vm {
             ),
             (ShutdownStep::AcpiPowerdown, "system_powerdown", None),
         ];
-        let mut done = self.qemu_exit.borrow().is_some();
         for (step, command, args) in graceful_steps {
-            if done {
-                break;
+            if self.qemu_gone() {
+                return ladder.complete(step).await;
             }
-            last_step = step;
             let step_start = Instant::now();
             let reason = match self.qmp.execute(command, args).await {
                 Ok(_) => {
                     if self.wait_qemu_exit(grace).await {
-                        done = true;
-                        break;
+                        return ladder.complete(step).await;
                     }
-                    format!("guest still running {grace:?} after {command}")
+                    format!(
+                        "guest still running {grace:?} after {command} (timeouts.shutdown_grace)"
+                    )
                 }
                 Err(e) => format!("{command} failed: {e}"),
             };
-            if self.qemu_exit.borrow().is_some() {
-                done = true;
-                break;
+            if self.qemu_gone() {
+                return ladder.complete(step).await;
             }
-            self.escalate(&mut events, at(Instant::now()), step, reason, step_start);
+            ladder.escalate(step, reason, step_start).await;
         }
 
         // 4. QMP quit: QEMU stops at once, the guest gets no say.
-        if !done {
-            graceful = false;
-            last_step = ShutdownStep::QmpQuit;
-            let step_start = Instant::now();
-            let qmp_wait = self.config.timeouts.qmp_command;
-            let reason = match self.qmp.execute("quit", None).await {
-                Ok(_) | Err(QmpError::Disconnected { .. }) => {
-                    if self.wait_qemu_exit(qmp_wait).await {
-                        done = true;
-                        String::new()
-                    } else {
-                        format!("QEMU still running {qmp_wait:?} after quit")
-                    }
+        ladder.report.graceful = false;
+        let step_start = Instant::now();
+        let reason = match self.qmp.execute("quit", None).await {
+            Ok(_) | Err(QmpError::Disconnected { .. }) => {
+                if self.wait_qemu_exit(qmp_wait).await {
+                    return ladder.complete(ShutdownStep::QmpQuit).await;
                 }
-                Err(e) => format!("quit failed: {e}"),
-            };
-            if !done && self.qemu_exit.borrow().is_some() {
-                done = true;
+                format!("QEMU still running {qmp_wait:?} after quit (timeouts.qmp_command)")
             }
-            if !done {
-                self.escalate(
-                    &mut events,
-                    at(Instant::now()),
-                    ShutdownStep::QmpQuit,
-                    reason,
-                    step_start,
-                );
-            }
+            Err(e) => format!("quit failed: {e}"),
+        };
+        if self.qemu_gone() {
+            return ladder.complete(ShutdownStep::QmpQuit).await;
         }
+        ladder
+            .escalate(ShutdownStep::QmpQuit, reason, step_start)
+            .await;
 
-        // 5. SIGKILL.
-        if !done {
-            last_step = ShutdownStep::Sigkill;
-            let _ = self.qemu.signal(nix::sys::signal::Signal::SIGKILL);
-            if !self.wait_qemu_exit(Duration::from_secs(5)).await {
-                tracing::error!(vm = %self.id, pid = self.qemu.pid, "QEMU survived SIGKILL for 5s");
-            }
+        // 5. SIGKILL (works on a stopped process too).
+        let _ = self.qemu.signal(nix::sys::signal::Signal::SIGKILL);
+        if !self.wait_qemu_exit(Duration::from_secs(5)).await {
+            tracing::error!(vm = %self.id, pid = self.qemu.pid, "QEMU survived SIGKILL for 5s");
         }
+        ladder.complete(ShutdownStep::Sigkill).await
+    }
 
-        let duration = started.elapsed();
-        events.push(ShutdownEvent::ShutdownComplete {
-            at_ms: ms(duration),
-            graceful,
-            last_step,
-            duration_ms: ms(duration),
-        });
-        tracing::info!(
-            vm = %self.id,
-            event = "shutdown_complete",
-            graceful,
-            last_step = ?last_step,
-            duration_ms = ms(duration),
-        );
-
-        let mut cleanup_errors = Vec::new();
-        if let Some(mut b) = self.backend.take() {
+    /// Releases the host side once the VM is down (shutting it down first if nobody did): stops
+    /// the vsock backend, removes the console log and the VM's files — the whole state
+    /// directory when the VM created it. Returns what could not be released.
+    pub async fn release(self) -> Vec<String> {
+        self.shutdown().await;
+        let mut errors = Vec::new();
+        if let Some(mut b) = self.backend {
             let _ = b.record.signal(nix::sys::signal::Signal::SIGTERM);
             if tokio::time::timeout(Duration::from_secs(2), b.exit.wait_for(|s| s.is_some()))
                 .await
@@ -805,43 +936,139 @@ impl Vm {
                 kill_and_wait(&b.record, &mut b.exit).await;
             }
             if b.exit.borrow().is_none() {
-                cleanup_errors.push(format!(
+                errors.push(format!(
                     "vhost-device-vsock pid {} did not exit",
                     b.record.pid
                 ));
             }
         }
         if let Err(e) = state::remove_file_if_exists(&self.console_log) {
-            cleanup_errors.push(format!("removing {}: {e}", self.console_log.display()));
+            errors.push(format!("removing {}: {e}", self.console_log.display()));
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            cleanup_errors.push(format!("removing {}: {e}", self.dir.display()));
+        if self.owns_state {
+            if let Err(e) = self.state.remove() {
+                errors.push(format!("removing {}: {e}", self.state.path().display()));
+            }
+        } else {
+            errors.extend(forget_vm_files(&self.state, &self.console_log).await);
         }
-        ShutdownReport {
-            vm_id: self.id.clone(),
-            events,
-            graceful,
-            duration_ms: ms(duration),
-            cleanup_errors,
+        errors
+    }
+}
+
+/// The shutdown in progress: its report, written and logged at every event.
+struct Ladder<'a> {
+    vm: &'a Vm,
+    started: Instant,
+    report: ShutdownReport,
+}
+
+impl Ladder<'_> {
+    async fn push(&mut self, event: ShutdownEvent) {
+        log_shutdown_event(&self.vm.id, &event);
+        self.report.events.push(event);
+        self.report.duration_ms = ms(self.started.elapsed());
+        let dir = self.vm.state.path().to_owned();
+        let report = self.report.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            state::write_json(&dir, state::SHUTDOWN_RECORD_FILE, &report)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(vm = %self.vm.id, error = %e, "writing the shutdown record")
+            }
+            Err(e) => tracing::warn!(vm = %self.vm.id, error = %e, "writing the shutdown record"),
         }
     }
 
-    fn escalate(
-        &self,
-        events: &mut Vec<ShutdownEvent>,
-        at_ms: u64,
-        step: ShutdownStep,
-        reason: String,
-        step_start: Instant,
-    ) {
-        let waited_ms = ms(step_start.elapsed());
-        tracing::warn!(vm = %self.id, event = "shutdown_escalation", step = ?step, reason = %reason, waited_ms);
-        events.push(ShutdownEvent::ShutdownEscalation {
+    async fn escalate(&mut self, step: ShutdownStep, reason: String, step_start: Instant) {
+        let event = ShutdownEvent::ShutdownEscalation {
+            at_ms: ms(self.started.elapsed()),
+            step,
+            reason,
+            waited_ms: ms(step_start.elapsed()),
+        };
+        self.push(event).await;
+    }
+
+    async fn complete(mut self, last_step: ShutdownStep) -> ShutdownReport {
+        let duration = ms(self.started.elapsed());
+        let graceful = self.report.graceful;
+        self.report.complete = true;
+        self.push(ShutdownEvent::ShutdownComplete {
+            at_ms: duration,
+            graceful,
+            last_step,
+            duration_ms: duration,
+        })
+        .await;
+        self.report
+    }
+}
+
+/// One log line per shutdown event, with stable field names (`vm_id`, `event`, `graceful`,
+/// `step`, `reason`, `waited_ms`, `last_step`, `duration_ms`, `at_ms`). Under the shim these
+/// reach containerd's log as `key="value"` pairs.
+fn log_shutdown_event(vm_id: &str, event: &ShutdownEvent) {
+    match event {
+        ShutdownEvent::ShutdownInitiated { at_ms, graceful } => log::info!(
+            vm_id, event = "shutdown_initiated", graceful = *graceful, at_ms = *at_ms;
+            "VM {vm_id}: shutdown initiated (graceful={graceful})"
+        ),
+        ShutdownEvent::ShutdownEscalation {
             at_ms,
             step,
             reason,
             waited_ms,
-        });
+        } => log::warn!(
+            vm_id, event = "shutdown_escalation", step = step.as_str(), reason = reason.as_str(),
+            waited_ms = *waited_ms, at_ms = *at_ms;
+            "VM {vm_id}: shutdown escalates past {} after {waited_ms} ms: {reason}", step.as_str()
+        ),
+        ShutdownEvent::ShutdownComplete {
+            at_ms,
+            graceful,
+            last_step,
+            duration_ms,
+        } => log::info!(
+            vm_id, event = "shutdown_complete", graceful = *graceful,
+            last_step = last_step.as_str(), duration_ms = *duration_ms, at_ms = *at_ms;
+            "VM {vm_id}: shutdown complete ({}) at {} after {duration_ms} ms",
+            if *graceful { "graceful" } else { "forced" }, last_step.as_str()
+        ),
+    }
+}
+
+/// Waits until the guest console holds the agent's ready line (polled every `interval`);
+/// false if `deadline` passes first.
+async fn wait_for_console_marker(path: &Path, deadline: Instant, interval: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let marker = spinbox_agent_api::READY_MARKER.as_bytes();
+    let mut offset = 0u64;
+    let mut window: Vec<u8> = Vec::new();
+    loop {
+        if let Ok(mut file) = tokio::fs::File::open(path).await {
+            let mut fresh = Vec::new();
+            if file.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
+                && file.read_to_end(&mut fresh).await.is_ok()
+            {
+                offset += fresh.len() as u64;
+                window.extend_from_slice(&fresh);
+                if window.windows(marker.len()).any(|w| w == marker) {
+                    return true;
+                }
+                // Keep only what could be the start of a marker split across reads.
+                let keep = window.len().min(marker.len() - 1);
+                window.drain(..window.len() - keep);
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(interval.min(deadline - now)).await;
     }
 }
 
@@ -965,5 +1192,37 @@ async fn start_vsock_backend(
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             _ = backend.exit.changed() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn console_marker_is_found_across_writes_and_times_out_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let writer = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                std::fs::write(&log, b"[ 1.0] booting\nspinbox-agent-re").unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let mut all = std::fs::read(&log).unwrap();
+                all.extend_from_slice(b"ady port=1024\n");
+                std::fs::write(&log, all).unwrap();
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(wait_for_console_marker(&log, deadline, Duration::from_millis(5)).await);
+        writer.await.unwrap();
+
+        let quiet = dir.path().join("quiet.log");
+        std::fs::write(&quiet, b"spinbox-agent: ready on vsock port 1024\n").unwrap();
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(100);
+        assert!(!wait_for_console_marker(&quiet, deadline, Duration::from_millis(10)).await);
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }
