@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole suite (`make test`): unit tests, VM tests, and the end-to-end tests against
 # one private containerd shared by all of them, with spinbox configured as a runtime.
+# Arguments go to `cargo test`, e.g. `bash tests/run.sh --test lifecycle`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -32,5 +33,5 @@ bash tests/image/build-busybox-image.sh "$root/busybox.tar" >/dev/null
 ctr --address "$address" images import "$root/busybox.tar" >/dev/null
 
 SPINBOX_REQUIRE_VM=1 SPINBOX_GUEST_DIR=$guest \
-SPINBOX_CONTAINERD_ADDRESS=$address SPINBOX_E2E_ROOT=$root/sb \
-  cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+SPINBOX_CONTAINERD_ADDRESS=$address SPINBOX_E2E_ROOT=$root/sb SPINBOX_E2E_CONFIG=$root/spinbox.json \
+  cargo test --workspace "$@" -- --test-threads="${TEST_THREADS:-2}"
