@@ -23,7 +23,11 @@ fn base_config() -> serde_json::Value {
 fn config_variant(dir: &Path, name: &str, change: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
     let mut c = base_config();
     let root = dir.join(name);
-    for (key, sub) in [("state_dir", "state"), ("log_dir", "log"), ("data_dir", "data")] {
+    for (key, sub) in [
+        ("state_dir", "state"),
+        ("log_dir", "log"),
+        ("data_dir", "data"),
+    ] {
         c["paths"][key] = root.join(sub).display().to_string().into();
     }
     change(&mut c);
@@ -47,7 +51,12 @@ fn assert_variant_clean(dir: &Path, name: &str) {
 }
 
 fn qemu_of(ctr: &Ctr, id: &str) -> Option<i32> {
-    let marker = ctr.spinbox_root.join("state").join(id).display().to_string();
+    let marker = ctr
+        .spinbox_root
+        .join("state")
+        .join(id)
+        .display()
+        .to_string();
     spinbox_tests::processes_mentioning(&marker)
         .iter()
         .find(|p| p.contains("qemu-system"))
@@ -90,11 +99,18 @@ async fn killed_qemu_stops_the_task_promptly_with_a_nonzero_status() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seen = killed.elapsed();
-    println!("QEMU killed → task STOPPED in containerd after {} ms", seen.as_millis());
+    println!(
+        "QEMU killed → task STOPPED in containerd after {} ms",
+        seen.as_millis()
+    );
     // The shim cleaned up by itself: VM helpers and state are gone before any delete.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !spinbox_tests::processes_mentioning(
-        &ctr.spinbox_root.join("state").join(id).display().to_string(),
+        &ctr.spinbox_root
+            .join("state")
+            .join(id)
+            .display()
+            .to_string(),
     )
     .is_empty()
     {
@@ -181,8 +197,8 @@ async fn create_failing_in_each_phase_names_it_and_leaves_nothing() {
 }
 
 fn containerd_fds(ctr: &Ctr) -> usize {
-    let pid = std::fs::read_to_string(ctr.containerd_dir.join("containerd.pid"))
-        .expect("containerd.pid");
+    let pid =
+        std::fs::read_to_string(ctr.containerd_dir.join("containerd.pid")).expect("containerd.pid");
     std::fs::read_dir(format!("/proc/{}/fd", pid.trim()))
         .expect("containerd's fds")
         .count()
