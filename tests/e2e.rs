@@ -183,14 +183,11 @@ async fn detached_container_runs_lists_pids_and_is_killed() {
 async fn wait_stopped(ctr: &Ctr, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let ls = text(&ctr.run(&["task", "ls"], None).stdout);
-        if ls
-            .lines()
-            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
-        {
+        let line = ctr.task_line(id);
+        if line.as_deref().is_some_and(|l| l.contains("STOPPED")) {
             return;
         }
-        assert!(Instant::now() < deadline, "{id} not STOPPED: {ls}");
+        assert!(Instant::now() < deadline, "{id} not STOPPED: {line:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -63,11 +63,6 @@ fn qemu_of(ctr: &Ctr, id: &str) -> Option<i32> {
         .and_then(|p| p.split(':').next()?.parse().ok())
 }
 
-fn task_line(ctr: &Ctr, id: &str) -> Option<String> {
-    let ls = text(&ctr.run(&["task", "ls"], None).stdout);
-    ls.lines().find(|l| l.starts_with(id)).map(str::to_owned)
-}
-
 #[tokio::test]
 async fn killed_qemu_stops_the_task_promptly_with_a_nonzero_status() {
     let Some(ctr) = Ctr::from_env() else { return };
@@ -78,7 +73,7 @@ async fn killed_qemu_stops_the_task_promptly_with_a_nonzero_status() {
         None,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(task_line(&ctr, id).is_some_and(|l| l.contains("RUNNING")));
+    assert!(ctr.task_line(id).is_some_and(|l| l.contains("RUNNING")));
     let qemu = qemu_of(&ctr, id).expect("QEMU of the container");
 
     let killed = Instant::now();
@@ -88,13 +83,13 @@ async fn killed_qemu_stops_the_task_promptly_with_a_nonzero_status() {
     )
     .expect("kill -9 QEMU");
     loop {
-        if task_line(&ctr, id).is_some_and(|l| l.contains("STOPPED")) {
+        if ctr.task_line(id).is_some_and(|l| l.contains("STOPPED")) {
             break;
         }
         assert!(
             killed.elapsed() < Duration::from_secs(2),
             "task not STOPPED 2 s after QEMU died: {:?}",
-            task_line(&ctr, id)
+            ctr.task_line(id)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -96,6 +96,15 @@ impl Ctr {
         self.run(&args, stdin)
     }
 
+    /// The task's line in `ctr task ls` (its first column is the id), if containerd has it.
+    pub fn task_line(&self, id: &str) -> Option<String> {
+        let out = self.run(&["task", "ls"], None);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .map(str::to_owned)
+    }
+
     /// The shim socket containerd-shim derives for a container: `/run/containerd/s/` +
     /// sha256(`<containerd address>/<namespace>/<id>`).
     pub fn shim_socket(&self, namespace: &str, id: &str) -> PathBuf {

@@ -755,7 +755,7 @@ async fn release_mounts(
         Err(e) => errors.push(format!("removing {}: {e}", work_dir.display())),
     }
     if earlier_ok && errors.is_empty() {
-        if let Err(e) = state.remove() {
+        if let Err(e) = state.remove().await {
             errors.push(format!("removing {}: {e}", state.path().display()));
         }
     } else {
@@ -783,7 +783,7 @@ pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Vec<Str
     }
     // A record older than its data directory's entry (or none at all): the default place.
     let work = work_dir(config, id);
-    match std::fs::remove_dir_all(&work) {
+    match tokio::fs::remove_dir_all(&work).await {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => errors.push(format!("removing {}: {e}", work.display())),

@@ -68,7 +68,7 @@ impl StateDir {
             record: tokio::sync::Mutex::new(VmRecord::default()),
         };
         if let Err(e) = dir.update(|r| *r = record).await {
-            let _ = std::fs::remove_dir_all(&dir.path);
+            let _ = tokio::fs::remove_dir_all(&dir.path).await;
             return Err(e);
         }
         Ok(dir)
@@ -96,9 +96,9 @@ impl StateDir {
         Ok(())
     }
 
-    /// Removes the directory with everything in it (the record last of all). Idempotent.
-    pub fn remove(&self) -> io::Result<()> {
-        match std::fs::remove_dir_all(&self.path) {
+    /// Removes the directory with everything in it. Idempotent.
+    pub async fn remove(&self) -> io::Result<()> {
+        match tokio::fs::remove_dir_all(&self.path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
@@ -217,14 +217,14 @@ pub async fn reclaim(dir: &Path) -> io::Result<Vec<ProcessRecord>> {
             remove_file_if_exists(file)?;
         }
         for d in &record.dirs {
-            match std::fs::remove_dir_all(d) {
+            match tokio::fs::remove_dir_all(d).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
     }
-    match std::fs::remove_dir_all(dir) {
+    match tokio::fs::remove_dir_all(dir).await {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -353,8 +353,8 @@ mod tests {
         let e = StateDir::create(root.path(), "vm2").await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert!(StateDir::create(root.path(), "../x").await.is_err());
-        dir.remove().unwrap();
-        dir.remove().unwrap();
+        dir.remove().await.unwrap();
+        dir.remove().await.unwrap();
         assert!(!root.path().join("vm2").exists());
     }
 }

@@ -247,7 +247,7 @@ impl Partial {
             let _ = state::remove_file_if_exists(log);
         }
         if owns_state {
-            if let Err(e) = state.remove() {
+            if let Err(e) = state.remove().await {
                 tracing::warn!(dir = %state.path().display(), error = %e, "rollback: removing state directory");
             }
         } else {
@@ -946,7 +946,7 @@ impl Vm {
             errors.push(format!("removing {}: {e}", self.console_log.display()));
         }
         if self.owns_state {
-            if let Err(e) = self.state.remove() {
+            if let Err(e) = self.state.remove().await {
                 errors.push(format!("removing {}: {e}", self.state.path().display()));
             }
         } else {
