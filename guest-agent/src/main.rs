@@ -13,6 +13,7 @@ mod container;
 mod init;
 mod input;
 mod log;
+mod network;
 mod reaper;
 mod service;
 mod shutdown;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use spinbox_agent_api::agent::{
     CreateContainerRequest, CreateContainerResponse, Empty, HealthRequest, HealthResponse,
-    ListPidsResponse, PrepareShutdownRequest, PrepareShutdownResponse, ProcessRequest,
-    SignalProcessRequest, StartProcessResponse, WaitProcessResponse,
+    ListPidsResponse, NetworkConfig, PrepareShutdownRequest, PrepareShutdownResponse,
+    ProcessRequest, SignalProcessRequest, StartProcessResponse, WaitProcessResponse,
 };
 use spinbox_agent_api::agent_ttrpc::{create_agent, Agent};
 use ttrpc::r#async::{Service, TtrpcContext};
@@ -77,6 +77,15 @@ impl Agent for AgentService {
             unmounted,
             ..Default::default()
         })
+    }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: NetworkConfig,
+    ) -> ttrpc::Result<Empty> {
+        crate::network::configure(&req).await?;
+        Ok(Empty::default())
     }
 
     async fn create_container(

@@ -1,8 +1,8 @@
 //! Containers in the guest: the registry behind the container RPCs.
 //!
-//! CreateContainer assembles the root filesystem, creates the cgroup and clones a
-//! container-init ([`child`]) into new namespaces; it returns once that process has done the
-//! whole OCI setup and waits for the start byte. StartProcess sends the byte and returns once
+//! CreateContainer assembles the root filesystem, writes the host's file copies ([`files`]),
+//! creates the cgroup and clones a container-init ([`child`]) into new namespaces; it returns
+//! once that process has done the whole OCI setup and waits for the start byte. StartProcess sends the byte and returns once
 //! the execve succeeded (or with its error). The exit is collected by PID 1's reaper and
 //! published, once stdout/stderr were flushed to the host, to every WaitProcess.
 //!
@@ -13,6 +13,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod child;
+pub mod files;
 pub mod launch;
 pub mod rootfs;
 pub mod spec;
@@ -176,17 +177,24 @@ pub struct Manager {
 struct Rollback {
     rootfs: Option<MountedRootfs>,
     cgroup: Option<Cgroup>,
+    /// The container id whose file copies to delete.
+    files_of: Option<String>,
 }
 
 impl Rollback {
     async fn run(mut self) {
         let rootfs = self.rootfs.take();
         let cgroup = self.cgroup.take();
+        let files_of = self.files_of.take();
         let problems = tokio::task::spawn_blocking(move || {
             let mut problems = Vec::new();
             if let Some(cg) = cgroup {
                 cg.kill();
                 problems.extend(cg.remove(Duration::from_secs(2)));
+            }
+            // Before the rootfs: its teardown removes the container's directory.
+            if let Some(id) = files_of {
+                problems.extend(files::remove(&id));
             }
             if let Some(mut r) = rootfs {
                 problems.extend(r.teardown());
@@ -266,14 +274,21 @@ impl Manager {
         let Some(rootfs_req) = req.rootfs.as_ref() else {
             return Err(invalid(anyhow::anyhow!("no rootfs given")));
         };
+        files::validate(&req.files).map_err(invalid)?;
         let spec = spec::parse_spec(&req.oci_spec).map_err(invalid)?;
         let rootfs_path = Path::new(rootfs::CONTAINERS_DIR).join(id).join("rootfs");
+        let rootfs_str = rootfs_path.display().to_string();
+        let file_copies = files::guest_paths(id, &req.files);
         let plan = spec::plan(
             id,
             &spec,
-            &rootfs_path.display().to_string(),
-            rootfs_req.read_only,
-            &|p| Path::new(p).exists(),
+            &spec::PlanContext {
+                rootfs: &rootfs_str,
+                rootfs_ro: rootfs_req.read_only,
+                share_vm_network: req.share_vm_network,
+                file_copies: &file_copies,
+                source_exists: &|p| Path::new(p).exists(),
+            },
         )
         .map_err(invalid)?;
         for w in &plan.warnings {
@@ -289,7 +304,25 @@ impl Manager {
         let mut rollback = Rollback {
             rootfs: Some(mounted),
             cgroup: None,
+            files_of: None,
         };
+        if !req.files.is_empty() {
+            // Written into the container's directory, which assemble() just made.
+            rollback.files_of = Some(id.to_string());
+            let (copy_id, copies) = (id.to_string(), req.files.clone());
+            let written = tokio::task::spawn_blocking(move || files::write(&copy_id, &copies))
+                .await
+                .map_err(|e| anyhow::anyhow!("file copies task: {e}"))
+                .and_then(|r| r);
+            if let Err(e) = written {
+                rollback.run().await;
+                return Err(RpcError::new(
+                    Code::INTERNAL,
+                    format!("container {id:?}: file copies: {e:#}"),
+                ));
+            }
+            debug!("container {id}: {} file copies written", req.files.len());
+        }
         match self.launch(id, req, &plan, &mut rollback).await {
             Ok(c) => Ok(c),
             Err(e) => {
@@ -623,7 +656,8 @@ impl Manager {
         }
         let container = c.clone();
         let teardown = tokio::task::spawn_blocking(move || {
-            let mut problems = Vec::new();
+            // The file copies first: the rootfs teardown removes the container's directory.
+            let mut problems = files::remove(&container.id);
             if let Some(mut r) = lock(&container.rootfs).take() {
                 problems.extend(r.teardown());
             }

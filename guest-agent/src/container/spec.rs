@@ -252,16 +252,34 @@ pub fn parse_spec(json: &[u8]) -> Result<Spec> {
     serde_json::from_slice(json).context("parsing the OCI spec (config.json)")
 }
 
-/// Translates a spec into a plan. `rootfs` is where the agent mounted the root; `rootfs_ro`
-/// is the host's request to make it read-only; `source_exists` tells whether a bind mount's
-/// source exists in the guest (host-only sources are skipped with a warning).
-pub fn plan(
-    container_id: &str,
-    spec: &Spec,
-    rootfs: &str,
-    rootfs_ro: bool,
-    source_exists: &dyn Fn(&str) -> bool,
-) -> Result<ContainerPlan> {
+/// What the agent brings to a plan besides the spec.
+pub struct PlanContext<'a> {
+    /// Where the agent mounted the root.
+    pub rootfs: &'a str,
+    /// The host asked for a read-only root.
+    pub rootfs_ro: bool,
+    /// Share the guest's network namespace whatever linux.namespaces says
+    /// (`CreateContainerRequest.share_vm_network`).
+    pub share_vm_network: bool,
+    /// Bind sources served from guest copies: (host source, guest path), first match wins
+    /// (see [`super::files`]).
+    pub file_copies: &'a [(String, String)],
+    /// Whether a bind mount's source exists in the guest (host-only sources are skipped with
+    /// a warning).
+    pub source_exists: &'a dyn Fn(&str) -> bool,
+}
+
+/// The guest copy serving a bind mount's host `source`, if the host sent one.
+pub fn copy_for<'a>(copies: &'a [(String, String)], source: &str) -> Option<&'a str> {
+    let source = clean_path(source);
+    copies
+        .iter()
+        .find(|(host, _)| clean_path(host) == source)
+        .map(|(_, guest)| guest.as_str())
+}
+
+/// Translates a spec into a plan.
+pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<ContainerPlan> {
     let mut warnings = Vec::new();
     let process = spec
         .process
@@ -304,7 +322,9 @@ pub fn plan(
                 }
             }
             "network" => {
-                if joins {
+                if ctx.share_vm_network {
+                    // The guest's namespace mirrors the container's host one (ConfigureNetwork).
+                } else if joins {
                     // A host network namespace means nothing inside the VM: share the guest's.
                     warnings.push(format!(
                         "linux.namespaces: network namespace path {:?} is the host's; the container shares the guest's network",
@@ -336,13 +356,17 @@ pub fn plan(
                 m.destination
             );
         }
-        let plan = mount_plan(m).with_context(|| format!("mounts[{i}] ({})", m.destination))?;
-        if plan.is_bind() && !source_exists(&plan.source) {
-            warnings.push(format!(
-                "mount {}: bind source {:?} does not exist in the guest; skipped",
-                m.destination, plan.source
-            ));
-            continue;
+        let mut plan = mount_plan(m).with_context(|| format!("mounts[{i}] ({})", m.destination))?;
+        if plan.is_bind() {
+            if let Some(copy) = copy_for(ctx.file_copies, &plan.source) {
+                plan.source = copy.to_string();
+            } else if !(ctx.source_exists)(&plan.source) {
+                warnings.push(format!(
+                    "mount {}: bind source {:?} does not exist in the guest; skipped",
+                    m.destination, plan.source
+                ));
+                continue;
+            }
         }
         if clean_path(&m.destination) == "/dev" && !plan.is_bind() {
             populate_dev = true;
@@ -409,8 +433,8 @@ pub fn plan(
 
     let init = InitConfig {
         container_id: container_id.to_string(),
-        rootfs: rootfs.to_string(),
-        readonly_root: rootfs_ro || spec.root.as_ref().is_some_and(|r| r.readonly),
+        rootfs: ctx.rootfs.to_string(),
+        readonly_root: ctx.rootfs_ro || spec.root.as_ref().is_some_and(|r| r.readonly),
         new_cgroup_ns,
         new_net_ns,
         hostname: spec.hostname.clone().filter(|h| !h.is_empty()),
@@ -657,10 +681,20 @@ mod tests {
         p == "/guest/data"
     }
 
+    fn ctx(rootfs: &str, rootfs_ro: bool) -> PlanContext<'_> {
+        PlanContext {
+            rootfs,
+            rootfs_ro,
+            share_vm_network: false,
+            file_copies: &[],
+            source_exists: &exists,
+        }
+    }
+
     #[test]
     fn full_spec_to_plan() {
         let spec = parse_spec(SPEC.as_bytes()).unwrap();
-        let plan = plan("c1", &spec, "/run/c1/rootfs", false, &exists).unwrap();
+        let plan = plan("c1", &spec, &ctx("/run/c1/rootfs", false)).unwrap();
         let i = &plan.init;
         assert_eq!(i.args, vec!["sh", "-c", "id"]);
         assert_eq!(i.cwd, "/tmp");
@@ -737,7 +771,7 @@ mod tests {
     #[test]
     fn minimal_spec_defaults() {
         let spec = parse_spec(br#"{"process": {"args": ["true"]}}"#).unwrap();
-        let plan = plan("c", &spec, "/r", true, &exists).unwrap();
+        let plan = plan("c", &spec, &ctx("/r", true)).unwrap();
         assert_eq!(plan.init.cwd, "/");
         assert_eq!((plan.init.uid, plan.init.gid), (0, 0));
         assert!(
@@ -753,7 +787,7 @@ mod tests {
     fn rejections_name_the_field() {
         let bad = |json: &str| {
             let spec = parse_spec(json.as_bytes()).unwrap();
-            format!("{:#}", plan("c", &spec, "/r", false, &exists).unwrap_err())
+            format!("{:#}", plan("c", &spec, &ctx("/r", false)).unwrap_err())
         };
         assert!(bad(r#"{}"#).contains("process"));
         assert!(bad(r#"{"process": {"args": []}}"#).contains("args"));
@@ -774,6 +808,106 @@ mod tests {
                 .contains("type")
         );
         assert!(parse_spec(b"not json").is_err());
+    }
+
+    #[test]
+    fn network_namespace() {
+        let net = |namespaces: &str, share: bool| {
+            let json = format!(
+                r#"{{"process": {{"args": ["x"]}}, "linux": {{"namespaces": {namespaces}}}}}"#
+            );
+            let spec = parse_spec(json.as_bytes()).unwrap();
+            let c = PlanContext {
+                share_vm_network: share,
+                ..ctx("/r", false)
+            };
+            let p = plan("c", &spec, &c).unwrap();
+            (p.init.new_net_ns, p.warnings)
+        };
+        let new = r#"[{"type": "network"}]"#;
+        let host = r#"[{"type": "network", "path": "/var/run/netns/cni-1"}]"#;
+        assert!(
+            net(new, false).0,
+            "today: a network entry without path is a new netns"
+        );
+        let (new_ns, warnings) = net(host, false);
+        assert!(!new_ns);
+        assert!(warnings.iter().any(|w| w.contains("cni-1")));
+        for ns in [new, host, "[]"] {
+            let (new_ns, warnings) = net(ns, true);
+            assert!(!new_ns, "{ns}: share_vm_network keeps the guest's netns");
+            assert!(warnings.is_empty(), "{ns}: {warnings:?}");
+        }
+    }
+
+    #[test]
+    fn bind_sources_from_file_copies() {
+        let spec = parse_spec(SPEC.as_bytes()).unwrap();
+        let copies = vec![
+            (
+                "/var/lib/containerd/x/resolv.conf".to_string(),
+                "/run/spinbox/containers/c1/files/0".to_string(),
+            ),
+            (
+                "/proc".to_string(),
+                "/run/spinbox/containers/c1/files/1".to_string(),
+            ),
+        ];
+        let c = PlanContext {
+            file_copies: &copies,
+            ..ctx("/run/c1/rootfs", false)
+        };
+        let p = plan("c1", &spec, &c).unwrap();
+        assert!(
+            !p.warnings.iter().any(|w| w.contains("resolv.conf")),
+            "{:?}",
+            p.warnings
+        );
+        let resolv = p
+            .init
+            .mounts
+            .iter()
+            .find(|m| m.destination == "/etc/resolv.conf")
+            .expect("the resolv.conf bind is kept");
+        assert_eq!(resolv.source, "/run/spinbox/containers/c1/files/0");
+        assert!(resolv.is_bind());
+        assert_eq!(resolv.flags & libc::MS_RDONLY, libc::MS_RDONLY);
+        // Only binds are redirected: the proc mount's source "proc" is not a bind source.
+        let proc_mount = &p.init.mounts[0];
+        assert_eq!(
+            (proc_mount.source.as_str(), proc_mount.fstype.as_str()),
+            ("proc", "proc")
+        );
+        // A guest-local bind without a copy is untouched.
+        let data = p
+            .init
+            .mounts
+            .iter()
+            .find(|m| m.destination == "/data")
+            .unwrap();
+        assert_eq!(data.source, "/guest/data");
+
+        // Bind by option (no type), and a source spelled differently.
+        let spec = parse_spec(
+            br#"{"process": {"args": ["x"]}, "mounts": [
+                {"destination": "/etc/hosts", "source": "/var/lib/x//hosts", "options": ["bind", "ro"]},
+                {"destination": "/etc/hostname", "type": "bind", "source": "/var/lib/x/hostname"}]}"#,
+        )
+        .unwrap();
+        let copies = vec![
+            ("/var/lib/x/hosts".to_string(), "/g/0".to_string()),
+            ("/var/lib/x/hostname".to_string(), "/g/1".to_string()),
+            ("/var/lib/x/hostname".to_string(), "/g/2".to_string()),
+        ];
+        let c = PlanContext {
+            file_copies: &copies,
+            ..ctx("/r", false)
+        };
+        let p = plan("c", &spec, &c).unwrap();
+        let sources: Vec<&str> = p.init.mounts.iter().map(|m| m.source.as_str()).collect();
+        assert_eq!(sources, vec!["/g/0", "/g/1"], "first match wins");
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(copy_for(&copies, "/var/lib/x/nope"), None);
     }
 
     #[test]
