@@ -11,6 +11,8 @@
 //! - `timeouts.qmp_command`: every QMP command's reply wait.
 //! - `timeouts.shutdown_grace`: each graceful step of the VM shutdown ladder.
 //! - `timeouts.io_wait`, `timeouts.event_reconnect`: the shim's stdio drain and event retries.
+//! - `network.*`, `timeouts.cni_plugin`, `timeouts.nft`: `spinbox-net`, through the shim's
+//!   network phase (setup on create, release on delete, `shim delete` and `spinbox gc`).
 
 pub mod duration;
 
@@ -47,6 +49,57 @@ pub struct Config {
     pub paths: Paths,
     pub vm: VmDefaults,
     pub timeouts: Timeouts,
+    pub network: Network,
+}
+
+/// How a container gets its network (see docs/NETWORKING.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Mirror the spec's network namespace if it has interfaces, else run the CNI conflist if
+    /// it exists, else no network (loopback only).
+    Auto,
+    /// Always run the CNI conflist (in the spec's namespace, or one spinbox creates).
+    Cni,
+    /// Always mirror the spec's namespace; a spec without one with interfaces is an error.
+    Netns,
+    /// Loopback only.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    pub mode: NetworkMode,
+    /// The CNI conflist spinbox runs for containers without a network of their own.
+    pub cni_conflist: PathBuf,
+    /// Where CNI plugin binaries are looked up, in order (also CNI_PATH).
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// The interface name CNI creates in the container's namespace.
+    pub cni_ifname: String,
+    /// ADD attempts before a create fails (a DEL runs between attempts).
+    pub cni_attempts: u32,
+    /// Where spinbox creates network namespaces (as `ip netns` does).
+    pub netns_dir: PathBuf,
+    /// The host-wide lock around CNI calls and nft changes.
+    pub lock_file: PathBuf,
+    /// The nft binary (nftables' JSON interface, `nft -j`).
+    pub nft: PathBuf,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            mode: NetworkMode::Auto,
+            cni_conflist: "/etc/spinbox/cni/spinbox.conflist".into(),
+            cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+            cni_ifname: "eth0".into(),
+            cni_attempts: 3,
+            netns_dir: "/run/netns".into(),
+            lock_file: "/run/spinbox/network.lock".into(),
+            nft: "/usr/sbin/nft".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +185,12 @@ pub struct Timeouts {
     /// Reply wait for every QMP command.
     #[serde(with = "duration")]
     pub qmp_command: Duration,
+    /// Bound on one CNI plugin execution (ADD or DEL).
+    #[serde(with = "duration")]
+    pub cni_plugin: Duration,
+    /// Bound on one `nft` execution.
+    #[serde(with = "duration")]
+    pub nft: Duration,
 }
 
 impl Default for Paths {
@@ -173,6 +232,8 @@ impl Default for Timeouts {
             task_client_retry: Duration::from_millis(50),
             io_wait: Duration::from_secs(5),
             qmp_command: Duration::from_secs(3),
+            cni_plugin: Duration::from_secs(10),
+            nft: Duration::from_secs(5),
         }
     }
 }
@@ -249,6 +310,34 @@ impl Config {
             return Err((
                 "vm.rootfs_upper_mib",
                 format!("{} MiB is below the 16 MiB minimum", vm.rootfs_upper_mib),
+            ));
+        }
+        let net = &self.network;
+        if net.cni_ifname.is_empty()
+            || net.cni_ifname.len() > 15
+            || !net
+                .cni_ifname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err((
+                "network.cni_ifname",
+                format!(
+                    "{:?} is not an interface name (1-15 of [A-Za-z0-9_-])",
+                    net.cni_ifname
+                ),
+            ));
+        }
+        if net.cni_attempts == 0 || net.cni_attempts > 10 {
+            return Err((
+                "network.cni_attempts",
+                format!("{} is out of range 1..=10", net.cni_attempts),
+            ));
+        }
+        if net.cni_bin_dirs.is_empty() {
+            return Err((
+                "network.cni_bin_dirs",
+                "must name at least one directory".into(),
             ));
         }
         for arg in &vm.kernel_args {

@@ -1,0 +1,283 @@
+//! The host firewall, through `nft -j` (libnftables' JSON): one `inet spinbox` table with NAT
+//! chains; every rule for a container carries the comment `spinbox:<id>`, which is how the
+//! rules of one container are found and removed together.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+use crate::publish::{PortMapping, Protocol};
+use crate::NetError;
+
+pub const TABLE: &str = "spinbox";
+pub const FAMILY: &str = "inet";
+
+/// The comment that tags every rule of container `id`.
+pub fn tag(id: &str) -> String {
+    format!("spinbox:{id}")
+}
+
+#[derive(Debug, Clone)]
+pub struct Nft {
+    pub binary: PathBuf,
+    pub timeout: Duration,
+}
+
+fn base_chains() -> Vec<Value> {
+    let chain = |name: &str, hook: &str, prio: i32| {
+        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name,
+            "type": "nat", "hook": hook, "prio": prio, "policy": "accept"}}})
+    };
+    vec![
+        json!({"add": {"table": {"family": FAMILY, "name": TABLE}}}),
+        chain("prerouting", "prerouting", -100),
+        chain("output", "output", -100),
+        chain("postrouting", "postrouting", 100),
+    ]
+}
+
+fn rule(chain: &str, id: &str, expr: Vec<Value>) -> Value {
+    json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain,
+        "comment": tag(id), "expr": expr}}})
+}
+
+fn is_local() -> Value {
+    json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+        "right": "local"}})
+}
+
+/// The rules for container `id` at `ip`: masquerade of its traffic leaving `subnet` (when
+/// given: spinbox runs the network) and a DNAT per published port, for traffic arriving at
+/// any local address from outside (prerouting) and from the host itself (output).
+pub fn container_rules(
+    id: &str,
+    ip: Ipv4Addr,
+    masquerade_subnet: Option<IpNet>,
+    publish: &[PortMapping],
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    if let Some(IpNet::V4(net)) = masquerade_subnet {
+        out.push(rule(
+            "postrouting",
+            id,
+            vec![
+                json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                    "right": ip.to_string()}}),
+                json!({"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                    "right": {"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}}}}),
+                json!({"masquerade": null}),
+            ],
+        ));
+    }
+    for p in publish {
+        let proto = match p.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        for chain in ["prerouting", "output"] {
+            out.push(rule(
+                chain,
+                id,
+                vec![
+                    is_local(),
+                    json!({"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "dport"}},
+                        "right": p.host_port}}),
+                    json!({"dnat": {"family": "ip", "addr": ip.to_string(), "port": p.container_port}}),
+                ],
+            ));
+        }
+    }
+    out
+}
+
+/// One rule of the spinbox table as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedRule {
+    pub chain: String,
+    pub handle: u64,
+    pub comment: String,
+}
+
+impl Nft {
+    async fn run(&self, args: &[&str], input: Option<&[u8]>) -> Result<Vec<u8>, NetError> {
+        let fail = |reason: String| NetError::Nft {
+            what: format!("{} {}", self.binary.display(), args.join(" ")),
+            reason,
+        };
+        let mut child = tokio::process::Command::new(&self.binary)
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(format!("spawn: {e} (install nftables, or set network.nft)")))?;
+        if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin
+                .write_all(bytes)
+                .await
+                .map_err(|e| fail(format!("writing the ruleset: {e}")))?;
+        }
+        let out = tokio::time::timeout(self.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| fail(format!("no answer within {:?}", self.timeout)))?
+            .map_err(|e| fail(e.to_string()))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(out.stdout)
+    }
+
+    async fn apply(&self, commands: Vec<Value>) -> Result<(), NetError> {
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let doc = json!({"nftables": commands});
+        let bytes = serde_json::to_vec(&doc).map_err(|e| NetError::Other(e.to_string()))?;
+        self.run(&["-j", "-f", "-"], Some(&bytes)).await.map(|_| ())
+    }
+
+    /// Adds the table and chains if missing, then `rules`, in one transaction.
+    pub async fn add_rules(&self, rules: Vec<Value>) -> Result<(), NetError> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let mut cmds = base_chains();
+        cmds.extend(rules);
+        self.apply(cmds).await
+    }
+
+    /// Every rule of the spinbox table; an absent table has none.
+    pub async fn list(&self) -> Result<Vec<ListedRule>, NetError> {
+        let out = match self
+            .run(&["-j", "list", "table", FAMILY, TABLE], None)
+            .await
+        {
+            Ok(o) => o,
+            Err(NetError::Nft { reason, .. }) if reason.contains("No such file or directory") => {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(e),
+        };
+        let v: Value = serde_json::from_slice(&out).map_err(|e| NetError::Nft {
+            what: "parsing nft -j list output".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(parse_rules(&v))
+    }
+
+    /// Removes every rule tagged for container `id`; none is not an error.
+    pub async fn remove_container(&self, id: &str) -> Result<usize, NetError> {
+        let want = tag(id);
+        let doomed: Vec<ListedRule> = self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| r.comment == want)
+            .collect();
+        let cmds = doomed
+            .iter()
+            .map(|r| {
+                json!({"delete": {"rule": {"family": FAMILY, "table": TABLE,
+                    "chain": r.chain, "handle": r.handle}}})
+            })
+            .collect();
+        self.apply(cmds).await?;
+        Ok(doomed.len())
+    }
+}
+
+pub fn parse_rules(v: &Value) -> Vec<ListedRule> {
+    let mut out = Vec::new();
+    for item in v
+        .get("nftables")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(r) = item.get("rule") else { continue };
+        let (Some(chain), Some(handle)) = (
+            r.get("chain").and_then(Value::as_str),
+            r.get("handle").and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        out.push(ListedRule {
+            chain: chain.to_string(),
+            handle,
+            comment: r
+                .get("comment")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        });
+    }
+    out
+}
+
+/// The first IPv4 address of a list, which the NAT rules target.
+pub fn first_v4(addrs: &[IpNet]) -> Option<Ipv4Addr> {
+    addrs.iter().find_map(|a| match a.addr() {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_carry_the_tag_and_targets() {
+        let publish = [PortMapping {
+            host_port: 8080,
+            container_port: 80,
+            protocol: Protocol::Tcp,
+        }];
+        let rules = container_rules(
+            "c1",
+            "10.87.0.5".parse().unwrap(),
+            Some("10.87.0.0/16".parse().unwrap()),
+            &publish,
+        );
+        assert_eq!(rules.len(), 3);
+        for r in &rules {
+            assert_eq!(r["add"]["rule"]["comment"], "spinbox:c1");
+        }
+        let text = serde_json::to_string(&rules).unwrap();
+        assert!(
+            text.contains(r#""dnat":{"addr":"10.87.0.5","family":"ip","port":80}"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""right":8080"#));
+        assert!(container_rules("c", "10.0.0.1".parse().unwrap(), None, &[]).is_empty());
+    }
+
+    #[test]
+    fn listed_rules_parse() {
+        let v: Value = serde_json::from_str(
+            r#"{"nftables":[{"metainfo":{}},{"table":{"family":"inet","name":"spinbox","handle":1}},
+            {"rule":{"family":"inet","table":"spinbox","chain":"output","handle":7,"comment":"spinbox:a","expr":[]}},
+            {"rule":{"family":"inet","table":"spinbox","chain":"output","handle":8,"expr":[]}}]}"#,
+        )
+        .unwrap();
+        let r = parse_rules(&v);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].handle, 7);
+        assert_eq!(r[0].comment, "spinbox:a");
+        assert_eq!(r[1].comment, "");
+    }
+}
