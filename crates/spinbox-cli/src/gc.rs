@@ -122,6 +122,7 @@ pub fn scan(config: &Config, only: &[String]) -> Result<Vec<Found>> {
 /// Returns how many orphans could not be reclaimed.
 pub async fn run(config: &Config, dry_run: bool, only: &[String]) -> Result<usize> {
     let found = scan(config, only)?;
+    let net = spinbox_net::Settings::from_config(config);
     let mut failures = 0;
     println!(
         "{:<24} {:<5} {:<12} {:<14} ACTION",
@@ -144,7 +145,7 @@ pub async fn run(config: &Config, dry_run: bool, only: &[String]) -> Result<usiz
         };
         let action = match (&f.verdict, dry_run) {
             (Verdict::Orphan, true) => "would reclaim".to_owned(),
-            (Verdict::Orphan, false) => match reclaim(f).await {
+            (Verdict::Orphan, false) => match reclaim(f, &net).await {
                 Ok(()) => "reclaimed".to_owned(),
                 Err(e) => {
                     failures += 1;
@@ -161,12 +162,23 @@ pub async fn run(config: &Config, dry_run: bool, only: &[String]) -> Result<usiz
     Ok(failures)
 }
 
-async fn reclaim(f: &Found) -> Result<()> {
+async fn reclaim(f: &Found, net: &spinbox_net::Settings) -> Result<()> {
     match f.kind {
         "vm" => {
-            state::reclaim(&f.path)
+            state::reclaim_contents(&f.path)
                 .await
                 .with_context(|| format!("reclaiming {}", f.path.display()))?;
+            // The VM is gone; then its network (TAPs, redirects, nft rules, CNI, netns).
+            let errors =
+                spinbox_net::release_recorded(net, &f.path.join(spinbox_net::RECORD_FILE)).await;
+            if !errors.is_empty() {
+                anyhow::bail!("network of {}: {}", f.id, errors.join("; "));
+            }
+            match std::fs::remove_dir_all(&f.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", f.path.display())),
+            }
         }
         _ => std::fs::remove_dir_all(&f.path)
             .with_context(|| format!("removing {}", f.path.display()))?,

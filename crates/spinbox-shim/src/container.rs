@@ -1,7 +1,8 @@
 //! One container and its microVM, in plain Rust types (containerd's protobuf types stay in
 //! `service.rs`).
 //!
-//! Create runs in named phases — validate → bundle → state → mounts → vm → container → stdio
+//! Create runs in named phases — validate → bundle → state → mounts → network → vm →
+//! container → stdio
 //! — and a failure in any of them is reported with the phase's name and rolled back through
 //! the same cleanup orchestrator a delete uses, so a failed create leaves no trace. The state
 //! directory and its record come first: everything created after it is recorded there before
@@ -11,6 +12,7 @@
 //! of the exit state; RPC handlers read it through a watch channel.
 
 use std::fmt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,14 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use spinbox_agent_api::agent::{
-    CreateContainerRequest, ProcessRequest, Rootfs, SignalProcessRequest,
+    CreateContainerRequest, FileCopy, IpAddress, NetworkConfig, NetworkInterface, NetworkRoute,
+    ProcessRequest, Rootfs, SignalProcessRequest,
 };
 use spinbox_agent_api::agent_ttrpc::AgentClient;
 use spinbox_config::Config;
 use spinbox_storage::{LayerCache, MountSpec, PrepareOptions, PreparedRootfs};
 use spinbox_vmm::accel::HostCaps;
 use spinbox_vmm::state::StateDir;
-use spinbox_vmm::{DiskAttach, Vm, VmError, VmOptions};
+use spinbox_vmm::{DiskAttach, NicAttach, Vm, VmError, VmOptions};
 use tokio::sync::watch;
 
 use crate::cleanup::{Cleanup, CleanupReport, Phase};
@@ -44,6 +47,7 @@ pub enum CreatePhase {
     Bundle,
     State,
     Mounts,
+    Network,
     Vm,
     Container,
     Stdio,
@@ -56,6 +60,7 @@ impl fmt::Display for CreatePhase {
             CreatePhase::Bundle => "bundle",
             CreatePhase::State => "state",
             CreatePhase::Mounts => "mounts",
+            CreatePhase::Network => "network",
             CreatePhase::Vm => "vm",
             CreatePhase::Container => "container",
             CreatePhase::Stdio => "stdio",
@@ -87,6 +92,8 @@ pub enum ContainerError {
     Rootfs(#[from] spinbox_storage::StorageError),
     #[error("starting microVM: {0}")]
     Vm(#[from] VmError),
+    #[error("network: {0}")]
+    Network(#[from] spinbox_net::NetError),
     #[error("agent {rpc}: {message}")]
     Agent {
         rpc: &'static str,
@@ -126,6 +133,11 @@ impl ContainerError {
                 }
                 _ => Code::UNAVAILABLE,
             },
+            ContainerError::Network(spinbox_net::NetError::Unsupported(_))
+            | ContainerError::Network(spinbox_net::NetError::Publish { .. }) => {
+                Code::INVALID_ARGUMENT
+            }
+            ContainerError::Network(e) => LifecycleError::NetworkSetup(e.to_string()).code(),
             ContainerError::Agent { code, .. } => *code,
             ContainerError::Lifecycle { error, .. } => error.code(),
             ContainerError::AlreadyStarted(_) => Code::FAILED_PRECONDITION,
@@ -222,12 +234,15 @@ struct Acquired {
     work_dir: PathBuf,
     rootfs: Option<PreparedRootfs>,
     vm: Option<Vm>,
+    network: spinbox_net::Settings,
 }
 
 impl Acquired {
     async fn rollback(self, id: &str) {
         let mut c = Cleanup::new(id);
         c.phase(Phase::Vm, release_vm(self.vm)).await;
+        c.phase(Phase::Network, release_network(&self.network, &self.state))
+            .await;
         let ok = c.ok_so_far();
         c.phase(
             Phase::Mounts,
@@ -261,8 +276,7 @@ impl Container {
                 ),
             ));
         }
-        let (spec, source, read_only) =
-            load_bundle(&opts).await.map_err(|e| failed(P::Bundle, e))?;
+        let bundle = load_bundle(&opts).await.map_err(|e| failed(P::Bundle, e))?;
 
         // The record first: everything after it is written there before it exists.
         let state_path = config.paths.state_dir.join(&opts.id);
@@ -284,8 +298,9 @@ impl Container {
             work_dir: work_dir.clone(),
             rootfs: None,
             vm: None,
+            network: spinbox_net::Settings::from_config(config),
         };
-        match Container::create_in(opts, config, spec, source, read_only, &mut acquired).await {
+        match Container::create_in(opts, config, bundle, &mut acquired).await {
             Ok(c) => Ok(c),
             Err(e) => {
                 tracing::warn!(error = %e, "create failed; rolling back");
@@ -298,12 +313,18 @@ impl Container {
     async fn create_in(
         opts: CreateOpts,
         config: &Config,
-        spec: Vec<u8>,
-        source: spinbox_storage::RootfsSource,
-        read_only: bool,
+        bundle: Bundle,
         acquired: &mut Acquired,
     ) -> Result<Container, ContainerError> {
         use CreatePhase as P;
+        let Bundle {
+            spec,
+            source,
+            read_only,
+            netns,
+            publish,
+            files,
+        } = bundle;
         let state = Arc::clone(&acquired.state);
         let work_dir = acquired.work_dir.clone();
         let record_err = |source| ContainerError::State {
@@ -345,19 +366,50 @@ impl Container {
             layers_built = prepared.cache_misses,
             "rootfs prepared"
         );
+        let guest = prepared.guest.clone();
+        let disks = prepared
+            .disks
+            .iter()
+            .map(|d| DiskAttach {
+                path: d.path.clone(),
+                serial: d.serial.clone(),
+                read_only: d.read_only,
+            })
+            .collect();
+        acquired.rootfs = Some(prepared);
+
+        // Network: the TAPs QEMU gets, mirroring the container's network namespace.
+        let attached = spinbox_net::setup(
+            &acquired.network,
+            &spinbox_net::Request {
+                id: opts.id.clone(),
+                spec_netns: netns,
+                publish,
+                record_path: state.path().join(spinbox_net::RECORD_FILE),
+            },
+        )
+        .await
+        .map_err(|e| failed(P::Network, e))?;
+        if let Some(ns) = &attached.netns {
+            tracing::info!(
+                id = %opts.id,
+                mode = attached.mode.unwrap_or("none"),
+                netns = %ns.display(),
+                interfaces = attached.interfaces.len(),
+                "network ready"
+            );
+        }
         let vm_options = VmOptions {
-            disks: prepared
-                .disks
+            disks,
+            nics: attached
+                .nics
                 .iter()
-                .map(|d| DiskAttach {
-                    path: d.path.clone(),
-                    serial: d.serial.clone(),
-                    read_only: d.read_only,
+                .map(|n| NicAttach {
+                    tap_fd: n.tap.as_raw_fd(),
+                    mac: n.mac.clone(),
                 })
                 .collect(),
         };
-        let guest = prepared.guest.clone();
-        acquired.rootfs = Some(prepared);
 
         // VM.
         let vm = Vm::start_in(
@@ -369,10 +421,21 @@ impl Container {
         )
         .await
         .map_err(|e| failed(P::Vm, e))?;
+        // QEMU holds the TAPs now; ours close, so a dead QEMU takes them along.
+        let share_vm_network = !attached.interfaces.is_empty();
+        let network_config = guest_network(&attached);
+        drop(attached);
         let agent = vm.agent().clone();
         let transport = vm.transport().clone();
         let vm_exit = vm.exit_watch();
         acquired.vm = Some(vm);
+
+        if share_vm_network {
+            agent
+                .configure_network(ctx(config.timeouts.vm_start), &network_config)
+                .await
+                .map_err(|e| failed(P::Network, agent_err("ConfigureNetwork", e)))?;
+        }
 
         // Container in the guest.
         let req = CreateContainerRequest {
@@ -390,6 +453,8 @@ impl Container {
             stdout: !opts.stdio.stdout.is_empty(),
             stderr: !opts.stdio.stderr.is_empty(),
             terminal: opts.stdio.terminal,
+            share_vm_network,
+            files,
             ..Default::default()
         };
         let created = agent
@@ -661,8 +726,9 @@ impl Container {
         .await;
         let vm = self.vm.lock().await.take();
         c.phase(Phase::Vm, release_vm(vm)).await;
-        // No network resources yet: containers get a fresh network namespace with lo only.
-        c.phase(Phase::Network, async { Vec::new() }).await;
+        let network = spinbox_net::Settings::from_config(&self.config);
+        c.phase(Phase::Network, release_network(&network, &self.state))
+            .await;
         let ok = c.ok_so_far();
         c.phase(
             Phase::Mounts,
@@ -676,10 +742,119 @@ impl Container {
     }
 }
 
-/// Reads the bundle's spec and finds the rootfs source.
-async fn load_bundle(
-    opts: &CreateOpts,
-) -> Result<(Vec<u8>, spinbox_storage::RootfsSource, bool), ContainerError> {
+/// What the shim takes from the bundle.
+struct Bundle {
+    spec: Vec<u8>,
+    source: spinbox_storage::RootfsSource,
+    read_only: bool,
+    netns: spinbox_net::SpecNetns,
+    publish: Vec<spinbox_net::PortMapping>,
+    files: Vec<FileCopy>,
+}
+
+/// Host files a bind mount may bring into the guest as copies: how many, how large each.
+const MAX_FILE_COPIES: usize = 16;
+const MAX_FILE_COPY_BYTES: u64 = 1 << 20;
+
+/// The network namespace `linux.namespaces` asks for.
+fn spec_netns(spec: &serde_json::Value) -> spinbox_net::SpecNetns {
+    let entry = spec["linux"]["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|ns| ns["type"] == "network");
+    match entry {
+        None => spinbox_net::SpecNetns::Host,
+        Some(ns) => match ns["path"].as_str() {
+            Some(p) if !p.is_empty() => spinbox_net::SpecNetns::Path(p.into()),
+            _ => spinbox_net::SpecNetns::New,
+        },
+    }
+}
+
+/// Copies of the small host files that bind mounts of the spec name (resolv.conf, hosts,
+/// hostname as CRI and nerdctl give them): the guest serves the mounts from the copies.
+async fn file_copies(spec: &serde_json::Value) -> Vec<FileCopy> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out: Vec<FileCopy> = Vec::new();
+    for m in spec["mounts"].as_array().into_iter().flatten() {
+        let is_bind = m["type"] == "bind"
+            || m["options"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
+        let Some(source) = m["source"].as_str() else {
+            continue;
+        };
+        if !is_bind || !source.starts_with('/') || out.iter().any(|f| f.source == source) {
+            continue;
+        }
+        let Ok(meta) = tokio::fs::metadata(source).await else {
+            continue;
+        };
+        if !meta.is_file() || meta.len() > MAX_FILE_COPY_BYTES {
+            continue;
+        }
+        if out.len() == MAX_FILE_COPIES {
+            tracing::warn!(
+                source,
+                "more than {MAX_FILE_COPIES} file bind mounts; the rest are not copied"
+            );
+            break;
+        }
+        match tokio::fs::read(source).await {
+            Ok(content) => out.push(FileCopy {
+                source: source.to_owned(),
+                content,
+                mode: meta.permissions().mode() & 0o777,
+                ..Default::default()
+            }),
+            Err(e) => tracing::warn!(source, error = %e, "bind mount source not copied"),
+        }
+    }
+    out
+}
+
+/// What the guest's network configuration is: the mirrored interfaces and their routes.
+fn guest_network(attached: &spinbox_net::Attached) -> NetworkConfig {
+    NetworkConfig {
+        interfaces: attached
+            .interfaces
+            .iter()
+            .map(|i| NetworkInterface {
+                name: i.name.clone(),
+                mac: i.mac.clone(),
+                mtu: i.mtu,
+                addresses: i
+                    .addresses
+                    .iter()
+                    .map(|a| IpAddress {
+                        address: a.addr().to_string(),
+                        prefix_len: u32::from(a.prefix_len()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        routes: attached
+            .routes
+            .iter()
+            .map(|r| NetworkRoute {
+                destination: r.destination.map(|d| d.to_string()).unwrap_or_default(),
+                gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                device: r.device.clone(),
+                source: r.source.map(|s| s.to_string()).unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Reads the bundle's spec and finds the rootfs source, the network and the file copies.
+async fn load_bundle(opts: &CreateOpts) -> Result<Bundle, ContainerError> {
     let spec_path = opts.bundle.join("config.json");
     let spec = tokio::fs::read(&spec_path)
         .await
@@ -716,7 +891,27 @@ async fn load_bundle(
     } else {
         spinbox_storage::parse_rootfs(&opts.rootfs)?
     };
-    Ok((spec, source, read_only))
+    let netns = spec_netns(&parsed);
+    let publish = match parsed["annotations"][spinbox_net::publish::ANNOTATION].as_str() {
+        Some(v) => spinbox_net::publish::parse(v)?,
+        None => Vec::new(),
+    };
+    let files = file_copies(&parsed).await;
+    Ok(Bundle {
+        spec,
+        source,
+        read_only,
+        netns,
+        publish,
+        files,
+    })
+}
+
+/// The network phase: what `network.json` in the state directory names (nft rules, tc
+/// redirects and TAPs, CNI DEL, the namespace spinbox created); the record goes once all is
+/// released.
+async fn release_network(settings: &spinbox_net::Settings, state: &StateDir) -> Vec<String> {
+    spinbox_net::release_recorded(settings, &state.path().join(spinbox_net::RECORD_FILE)).await
 }
 
 /// The VM phase: the shutdown ladder, then the VM's host side (backend, console log, files).
@@ -774,12 +969,24 @@ pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Vec<Str
         return vec![format!("refusing to reclaim invalid id {id:?}")];
     }
     let dir = dir.unwrap_or_else(|| config.paths.state_dir.join(id));
-    match spinbox_vmm::state::reclaim(&dir).await {
+    match spinbox_vmm::state::reclaim_contents(&dir).await {
         Ok(killed) if !killed.is_empty() => {
             tracing::warn!(id, killed = ?killed, "reclaimed processes of a dead shim")
         }
         Ok(_) => {}
         Err(e) => errors.push(format!("reclaiming {}: {e}", dir.display())),
+    }
+    // The VM is gone: then its network, then the record itself (kept if anything failed).
+    let settings = spinbox_net::Settings::from_config(config);
+    errors.extend(
+        spinbox_net::release_recorded(&settings, &dir.join(spinbox_net::RECORD_FILE)).await,
+    );
+    if errors.is_empty() {
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("removing {}: {e}", dir.display())),
+        }
     }
     // A record older than its data directory's entry (or none at all): the default place.
     let work = work_dir(config, id);

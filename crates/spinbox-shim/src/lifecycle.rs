@@ -82,9 +82,7 @@ pub enum LifecycleError {
     DeviceTimeout(String),
     #[error("no free guest CID: {0}")]
     CidExhausted(String),
-    /// Containers get no network of their own yet (a fresh namespace with lo only); the
-    /// network phase of create will return this.
-    #[allow(dead_code)]
+    /// The network phase of a create failed (CNI, netns mirroring, nftables).
     #[error("network setup failed: {0}")]
     NetworkSetup(String),
     #[error("mount setup failed: {0}")]

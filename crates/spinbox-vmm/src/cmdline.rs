@@ -272,6 +272,30 @@ impl QemuArg for VirtioBlk {
     }
 }
 
+/// A virtio-net NIC on a TAP the runtime opened and passes as `fd`; the guest sees `mac`.
+/// No option ROM (nothing boots from the network), no vhost-net (not with TCG).
+#[derive(Debug, Clone)]
+pub struct VirtioNetTap {
+    pub id: String,
+    pub fd: i32,
+    pub mac: String,
+}
+
+impl QemuArg for VirtioNetTap {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-netdev".into(),
+            format!("tap,id={},fd={},vhost=off", escape_opt(&self.id), self.fd),
+            "-device".into(),
+            format!(
+                "virtio-net-pci,netdev={},mac={},romfile=",
+                escape_opt(&self.id),
+                escape_opt(&self.mac)
+            ),
+        ]
+    }
+}
+
 /// An ordered QEMU command line.
 #[derive(Default)]
 pub struct QemuCommandLine {
@@ -490,6 +514,17 @@ mod tests {
         assert!(args[1].starts_with("node-name=disk0,driver=raw,read-only=on,"));
         assert!(args[1].contains("file.filename=/var/lib/spinbox/layers/ab.erofs"));
         assert_eq!(args[3], "virtio-blk-pci,drive=disk0,serial=sbx-lower0");
+        let nic = VirtioNetTap {
+            id: "net0".into(),
+            fd: 10,
+            mac: "02:aa:bb:cc:dd:01".into(),
+        }
+        .to_args();
+        assert_eq!(nic[1], "tap,id=net0,fd=10,vhost=off");
+        assert_eq!(
+            nic[3],
+            "virtio-net-pci,netdev=net0,mac=02:aa:bb:cc:dd:01,romfile="
+        );
         let rw = VirtioBlk {
             read_only: false,
             ..d

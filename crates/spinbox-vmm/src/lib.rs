@@ -17,5 +17,6 @@ pub mod vm;
 pub mod vsock;
 
 pub use vm::{
-    BootInfo, DiskAttach, ShutdownEvent, ShutdownReport, ShutdownStep, Vm, VmError, VmOptions,
+    BootInfo, DiskAttach, NicAttach, ShutdownEvent, ShutdownReport, ShutdownStep, Vm, VmError,
+    VmOptions, MAX_NICS,
 };

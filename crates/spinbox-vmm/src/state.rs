@@ -192,6 +192,18 @@ pub async fn create_dir(dir: &Path) -> io::Result<()> {
 /// never signalled), removes the files and directories it names, then the state directory.
 /// Idempotent; returns the processes it found alive and killed.
 pub async fn reclaim(dir: &Path) -> io::Result<Vec<ProcessRecord>> {
+    let killed = reclaim_contents(dir).await?;
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(killed)
+}
+
+/// [`reclaim`] without removing the directory itself: for callers that release more of what
+/// the directory records (the network) before they remove it.
+pub async fn reclaim_contents(dir: &Path) -> io::Result<Vec<ProcessRecord>> {
     let mut killed = Vec::new();
     let record = match read_record(dir) {
         Ok(r) => Some(r),
@@ -223,11 +235,6 @@ pub async fn reclaim(dir: &Path) -> io::Result<Vec<ProcessRecord>> {
                 Err(e) => return Err(e),
             }
         }
-    }
-    match tokio::fs::remove_dir_all(dir).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
     }
     Ok(killed)
 }

@@ -1,7 +1,7 @@
 //! One microVM: start it (QEMU + vsock backend + QMP + agent readiness), talk to its agent,
 //! shut it down along the ladder, and never leave anything behind on failure.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -25,6 +25,8 @@ const HYBRID_GUEST_CID: u32 = 3;
 /// Fd numbers QEMU finds its passed descriptors at.
 const QMP_FD: i32 = 3;
 const VHOST_FD: i32 = 4;
+/// TAP fds of the NICs: FIRST_NIC_FD, FIRST_NIC_FD + 1, ...
+const FIRST_NIC_FD: i32 = 5;
 /// Longest path a unix socket address holds (sun_path, less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -32,6 +34,8 @@ const MAX_SOCKET_PATH: usize = 107;
 pub enum VmError {
     #[error("invalid VM id {id:?}: {reason}")]
     InvalidId { id: String, reason: String },
+    #[error("{count} network interfaces: a VM takes at most {max}", max = MAX_NICS)]
+    TooManyNics { count: usize },
     #[error("config {key}: {path}: {reason}")]
     Path {
         key: &'static str,
@@ -155,10 +159,22 @@ pub struct DiskAttach {
     pub read_only: bool,
 }
 
+/// A NIC to attach at boot: an open TAP queue fd (the caller keeps it open until the VM has
+/// started; QEMU holds its own copy) and the MAC the guest device gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicAttach {
+    pub tap_fd: RawFd,
+    pub mac: String,
+}
+
+/// At most this many NICs (each takes one of the fds passed to QEMU).
+pub const MAX_NICS: usize = 4;
+
 /// What a VM gets beyond the configured defaults.
 #[derive(Debug, Clone, Default)]
 pub struct VmOptions {
     pub disks: Vec<DiskAttach>,
+    pub nics: Vec<NicAttach>,
 }
 
 /// A running microVM whose agent has answered.
@@ -397,6 +413,11 @@ impl Vm {
         if resolve_vsock(config.vm.vsock, host) == VsockKind::VhostUser {
             check_file("paths.vhost_device_vsock", &paths.vhost_device_vsock)?;
         }
+        if options.nics.len() > MAX_NICS {
+            return Err(VmError::TooManyNics {
+                count: options.nics.len(),
+            });
+        }
         for disk in &options.disks {
             if !disk.path.exists() {
                 return Err(VmError::Path {
@@ -547,6 +568,18 @@ impl Vm {
             src: qmp_listener.as_raw_fd(),
             dst: QMP_FD,
         }];
+        for (i, nic) in options.nics.iter().enumerate() {
+            let dst = FIRST_NIC_FD + i as i32;
+            fds.push(PassFd {
+                src: nic.tap_fd,
+                dst,
+            });
+            cmd.push(cmdline::VirtioNetTap {
+                id: format!("net{i}"),
+                fd: dst,
+                mac: nic.mac.clone(),
+            });
+        }
         match &transport {
             VsockTransport::Kernel { cid } => {
                 if let Some(fd) = &vhost_fd {
