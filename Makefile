@@ -68,6 +68,10 @@ install: build guest
 	  install -m 0644 config/config.json $(DESTDIR)$(CONFDIR)/config.json.default; \
 	  echo "kept $(CONFDIR)/config.json; the shipped default is at $(CONFDIR)/config.json.default"; \
 	else install -m 0644 config/config.json $(DESTDIR)$(CONFDIR)/config.json; fi
+	install -d $(DESTDIR)$(CONFDIR)/cni
+	@if [ ! -e $(DESTDIR)$(CONFDIR)/cni/spinbox.conflist ]; then \
+	  install -m 0644 deploy/cni/spinbox.conflist $(DESTDIR)$(CONFDIR)/cni/spinbox.conflist; fi
+	install -m 0755 deploy/cleanup-cni.sh $(DESTDIR)$(PREFIX)/bin/spinbox-cleanup-cni
 
 minimal-kernel:
 	bash kernel/build-minimal-kernel.sh $(BUILD)/minimal-kernel

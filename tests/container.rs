@@ -719,6 +719,7 @@ async fn containers_run_with_oci_semantics_in_one_guest() {
                 read_only: false,
             },
         ],
+        nics: Vec::new(),
     };
     let vm = Vm::start_with("containers", &config, &options, &HostCaps::probe())
         .await

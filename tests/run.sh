@@ -7,10 +7,16 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 guest=$PWD/build/guest
 
-cargo build -p spinbox-shim
+cargo build -p spinbox-shim -p spinbox-cli
 root=$(mktemp -d /tmp/spinbox-test.XXXXXX)
+# CNI for the e2e containers: a bridge and subnet of the suite's own (the shipped conflist's
+# spinbox0 / 10.87.0.0/16 stay untouched), host-local allocations kept under the test root.
+test_bridge=spbtest0
 cleanup() {
   bash deploy/private-containerd.sh stop "$root/containerd" || true
+  # Shims killed by the stop leave their VMs' records: reclaim them (VM, network) by record.
+  SPINBOX_CONFIG=$root/spinbox.json target/debug/spinbox gc >/dev/null || true
+  ip link del "$test_bridge" 2>/dev/null || true
   rm -rf "$root"
 }
 trap cleanup EXIT
@@ -25,7 +31,28 @@ cat >"$root/spinbox.json" <<JSON
     "log_dir": "$root/sb/log",
     "data_dir": "$root/sb/data",
     "vhost_device_vsock": "$(command -v vhost-device-vsock || echo /usr/local/bin/vhost-device-vsock)"
+  },
+  "network": {
+    "cni_conflist": "$root/spinbox-test.conflist",
+    "lock_file": "$root/sb/network.lock"
   }
+}
+JSON
+cat >"$root/spinbox-test.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "spinbox-test",
+  "plugins": [
+    {
+      "type": "bridge", "bridge": "$test_bridge", "isGateway": true, "isDefaultGateway": true,
+      "ipMasq": false, "hairpinMode": true,
+      "ipam": {
+        "type": "host-local", "dataDir": "$root/sb/ipam",
+        "ranges": [[{ "subnet": "10.87.250.0/24" }]]
+      }
+    },
+    { "type": "portmap", "capabilities": { "portMappings": true } }
+  ]
 }
 JSON
 address=$(bash deploy/private-containerd.sh start "$root/containerd" "$PWD/target/debug" "$root/spinbox.json")

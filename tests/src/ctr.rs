@@ -148,6 +148,7 @@ impl Ctr {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         let ours: Vec<&str> = mounts.lines().filter(|l| l.contains(&root)).collect();
         assert!(ours.is_empty(), "mounts left: {ours:?}");
+        crate::assert_no_network_leaks(&self.spinbox_root.join("ipam"));
         let tasks = self.run(&["task", "ls", "-q"], None);
         assert!(
             String::from_utf8_lossy(&tasks.stdout).trim().is_empty(),

@@ -92,6 +92,46 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
 
 /// Asserts that nothing a VM test created under `root` survives: no process mentioning it, no
 /// state directory entry, no console log.
+/// No network state of spinbox's left on the host: no namespace it created
+/// (`/run/netns/spinbox-*`), no rule tagged `spinbox:` in its nft table, no host-local
+/// allocation under `ipam_dir` (the suite's CNI dataDir).
+pub fn assert_no_network_leaks(ipam_dir: &Path) {
+    let netns: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("spinbox-"))
+        .collect();
+    assert!(netns.is_empty(), "network namespaces left: {netns:?}");
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "inet", "spinbox"])
+        .output()
+        .expect("running nft");
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !rules.contains("\"spinbox:"),
+        "nft rules left in table inet spinbox: {rules}"
+    );
+    let allocations: Vec<String> = std::fs::read_dir(ipam_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|net| {
+            std::fs::read_dir(net.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lock" && !n.starts_with("last_reserved_ip"))
+        .collect();
+    assert!(
+        allocations.is_empty(),
+        "IP allocations left: {allocations:?}"
+    );
+}
+
 pub fn assert_no_leaks(root: &Path) {
     let needle = root.display().to_string();
     let procs = processes_mentioning(&needle);
