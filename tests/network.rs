@@ -431,3 +431,68 @@ async fn network_mode_none_and_netns_take_effect() {
     let _ = ctr.run(&["containers", "rm", "net-mode-netns"], None);
     ctr.assert_clean();
 }
+
+/// What a crashed host can leave without any record — a namespace, a tagged nft rule, a
+/// host-local allocation of a container containerd does not know — is reported as orphaned by
+/// `cleanup-cni.sh --status` and removed by `cleanup-cni.sh`.
+#[tokio::test]
+async fn cleanup_cni_reports_and_removes_orphans() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let id = "net-orphan";
+    sh(&["ip", "netns", "add", &format!("spinbox-{id}")]);
+    let rules = format!(
+        "add table inet spinbox\n\
+         add chain inet spinbox output {{ type nat hook output priority -100; policy accept; }}\n\
+         add rule inet spinbox output tcp dport 18099 dnat ip to 10.87.250.250:80 comment \"spinbox:{id}\"\n"
+    );
+    let mut nft = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success());
+    let ipam = ctr.spinbox_root.join("ipam").join("spinbox-test");
+    std::fs::create_dir_all(&ipam).unwrap();
+    std::fs::write(ipam.join("10.87.250.250"), format!("{id}\r\neth0")).unwrap();
+
+    let script = |args: &[&str]| {
+        let out = Command::new("bash")
+            .arg("deploy/cleanup-cni.sh")
+            .args(args)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .env(
+                "SPINBOX_CONFIG",
+                std::env::var("SPINBOX_E2E_CONFIG").unwrap(),
+            )
+            .env("CONTAINERD_ADDRESS", &ctr.address)
+            .output()
+            .unwrap();
+        let report = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {report}{}",
+            text(&out.stderr)
+        );
+        report
+    };
+    let status = script(&["--status"]);
+    for kind in ["netns", "nft", "ipam"] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(kind) && l.contains(id) && l.contains("orphaned")),
+            "{kind} not reported as an orphan: {status}"
+        );
+    }
+    let removed = script(&[]);
+    assert!(removed.contains("removed"), "{removed}");
+    ctr.assert_clean();
+    assert!(script(&["--status"]).contains("nothing of spinbox's"));
+}
