@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # cleanup-cni.sh: lists, and removes, the host networking spinbox left behind for containers
-# containerd no longer knows: nft rules tagged `spinbox:<id>` in table `inet spinbox`, network
+# containerd no longer knows: nft rules tagged `spinbox:<id>` in tables `inet|bridge spinbox`, network
 # namespaces `<netns_dir>/spinbox-<id>` with their `sbtap<N>` TAPs, host-local IPAM
 # allocations whose owner is `<id>`, and `<state_dir>/<id>/network.json` records.
 # See usage() below and docs/TROUBLESHOOTING.md.
@@ -17,7 +17,7 @@ usage: cleanup-cni.sh [--status] [ID...]
        cleanup-cni.sh --help
 
 Finds the host networking spinbox (io.containerd.spinbox.v2) created for containers:
-  nft     rules in table `inet spinbox` tagged with the comment spinbox:<ID>
+  nft     rules in tables `inet spinbox` and `bridge spinbox` tagged with the comment spinbox:<ID>
   netns   network namespaces <network.netns_dir>/spinbox-<ID>
   tap     sbtap<N> TAPs inside them (and those a network.json names in another namespace)
   ipam    host-local allocations (<dataDir>/<network name>/<IP> whose first line is <ID>)
@@ -395,23 +395,25 @@ if [[ -d "$netns_dir" ]]; then
   done
 fi
 
-# nft rules.
+# nft rules: NAT in `inet spinbox`, isolation in `bridge spinbox`.
 if [[ -x "$nft_bin" ]]; then
-  if "${tmo[@]}" "$nft_bin" -j list table inet spinbox >"$tmp/nft.json" 2>"$tmp/nft.err"; then
-    if rules=$(py nft <"$tmp/nft.json"); then
-      while IFS=$'\t' read -r id chain handle; do
-        [[ -n "$id" ]] || continue
-        [[ "$id" =~ $id_re ]] || continue
-        is_wanted "$id" || continue
-        add nft "$id" "$chain/handle=$handle" "$chain" "$handle"
-      done <<<"$rules"
-    else
+  for family in inet bridge; do
+    if "${tmo[@]}" "$nft_bin" -j list table "$family" spinbox >"$tmp/nft.json" 2>"$tmp/nft.err"; then
+      if rules=$(py nft <"$tmp/nft.json"); then
+        while IFS=$'\t' read -r id chain handle; do
+          [[ -n "$id" ]] || continue
+          [[ "$id" =~ $id_re ]] || continue
+          is_wanted "$id" || continue
+          add nft "$id" "$family/$chain/handle=$handle" "$family/$chain" "$handle"
+        done <<<"$rules"
+      else
+        scan_errors=$((scan_errors + 1))
+      fi
+    elif ! grep -q 'No such file or directory' "$tmp/nft.err"; then
+      warn "$nft_bin -j list table $family spinbox: $(tr '\n' ' ' <"$tmp/nft.err")"
       scan_errors=$((scan_errors + 1))
     fi
-  elif ! grep -q 'No such file or directory' "$tmp/nft.err"; then
-    warn "$nft_bin -j list table inet spinbox: $(tr '\n' ' ' <"$tmp/nft.err")"
-    scan_errors=$((scan_errors + 1))
-  fi
+  done
 else
   warn "nft not found at $nft_bin (network.nft): nft rules not checked"
 fi
@@ -547,14 +549,14 @@ for id in "${ids[@]}"; do
   # 1. nft rules, by handle.
   for i in "${!R_KIND[@]}"; do
     [[ "${R_KIND[$i]}" == nft && "${R_ID[$i]}" == "$id" ]] || continue
-    chain=${R_A1[$i]} handle=${R_A2[$i]}
-    if "${lock[@]}" "${tmo[@]}" "$nft_bin" delete rule inet spinbox "$chain" handle "$handle" 2>"$tmp/err"; then
-      say "removed nft    $id $chain/handle=$handle"
+    family=${R_A1[$i]%%/*} chain=${R_A1[$i]#*/} handle=${R_A2[$i]}
+    if "${lock[@]}" "${tmo[@]}" "$nft_bin" delete rule "$family" spinbox "$chain" handle "$handle" 2>"$tmp/err"; then
+      say "removed nft    $id $family/$chain/handle=$handle"
       removed=$((removed + 1))
     elif grep -q 'No such file or directory' "$tmp/err"; then
       : # gone meanwhile
     else
-      failed "nft $id $chain/handle=$handle: $(tr '\n' ' ' <"$tmp/err")"
+      failed "nft $id $family/$chain/handle=$handle: $(tr '\n' ' ' <"$tmp/err")"
     fi
   done
 

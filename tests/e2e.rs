@@ -428,6 +428,7 @@ async fn killed_shim_leaves_nothing_and_the_id_runs_again() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    ctr.wait_no_shim(id).await;
     assert!(ctr.run(&["containers", "rm", id], None).status.success());
     ctr.assert_clean();
     ctr.assert_no_shim_sockets(&[id]);

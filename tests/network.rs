@@ -363,15 +363,7 @@ async fn killed_shim_leaves_no_network_behind() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // containerd's cleanup (`shim delete`) may still be releasing the network.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let any_shim = format!("-id {id} ");
-    while spinbox_tests::processes_mentioning(&any_shim)
-        .iter()
-        .any(|p| p.contains(&ctr.address))
-    {
-        assert!(Instant::now() < deadline, "shim delete still running");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ctr.wait_no_shim(id).await;
     assert!(ctr.run(&["containers", "rm", id], None).status.success());
     ctr.assert_clean();
     let status = Command::new("bash")
@@ -495,4 +487,63 @@ async fn cleanup_cni_reports_and_removes_orphans() {
     assert!(removed.contains("removed"), "{removed}");
     ctr.assert_clean();
     assert!(script(&["--status"]).contains("nothing of spinbox's"));
+}
+
+/// `network.isolate`: a container on the bridge still reaches the gateway, not its neighbour.
+#[tokio::test]
+async fn isolated_containers_reach_the_gateway_not_each_other() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let base = std::env::var_os("SPINBOX_E2E_CONFIG").expect("SPINBOX_E2E_CONFIG");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base).unwrap()).unwrap();
+    config["network"]["isolate"] = true.into();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("isolate.json");
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let path = path.display().to_string();
+
+    let server = "net-iso-server";
+    let _guard = Detached {
+        ctr: &ctr,
+        id: server,
+    };
+    let out = ctr.run(
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            &path,
+            IMAGE,
+            server,
+            "sleep",
+            "300",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_running(&ctr, server).await;
+    let server_ip = cni_address(&ctr, server);
+    let script = format!(
+        "ping -c 1 -W 5 {GATEWAY} >/dev/null && echo gateway-ok; \
+         ping -c 1 -W 3 {server_ip} >/dev/null && echo neighbour-reached || echo neighbour-blocked"
+    );
+    let out = ctr.run_container(
+        RUNTIME,
+        "net-iso-client",
+        &["--runtime-config-path", &path],
+        &["sh", "-c", &script],
+        None,
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("gateway-ok"),
+        "{stdout}{}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("neighbour-blocked"), "{stdout}");
+    remove(&ctr, server).await;
+    ctr.assert_clean();
 }

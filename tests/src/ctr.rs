@@ -129,6 +129,23 @@ impl Ctr {
 
     /// Asserts nothing of spinbox's is left: no QEMU / helper / shim process, no VM state,
     /// no container data, no console log, no container or task known to containerd.
+    /// Waits (up to 20 s) until no shim process of `id` runs for this containerd — after a
+    /// shim died, containerd's cleanup (`shim delete`) releases the VM and network first.
+    pub async fn wait_no_shim(&self, id: &str) {
+        let marker = format!("-id {id} ");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while crate::processes_mentioning(&marker)
+            .iter()
+            .any(|p| p.contains(&self.address))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a shim of {id} still runs (shim delete?)"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn assert_clean(&self) {
         let root = self.spinbox_root.display().to_string();
         let procs = crate::processes_mentioning(&root);

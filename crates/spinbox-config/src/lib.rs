@@ -85,6 +85,9 @@ pub struct Network {
     pub lock_file: PathBuf,
     /// The nft binary (nftables' JSON interface, `nft -j`).
     pub nft: PathBuf,
+    /// Containers spinbox networks through CNI do not reach each other over the bridge (they
+    /// still reach the gateway and, through it, the rest).
+    pub isolate: bool,
 }
 
 impl Default for Network {
@@ -98,6 +101,7 @@ impl Default for Network {
             netns_dir: "/run/netns".into(),
             lock_file: "/run/spinbox/network.lock".into(),
             nft: "/usr/sbin/nft".into(),
+            isolate: false,
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct Settings {
     pub lock_file: PathBuf,
     pub nft: PathBuf,
     pub nft_timeout: Duration,
+    /// CNI mode: containers on the bridge reach the gateway and beyond, not each other.
+    pub isolate: bool,
 }
 
 impl Settings {
@@ -96,6 +98,7 @@ impl Settings {
             lock_file: n.lock_file.clone(),
             nft: n.nft.clone(),
             nft_timeout: config.timeouts.nft,
+            isolate: n.isolate,
         }
     }
 }
@@ -387,7 +390,17 @@ async fn setup_inner(
             .flat_map(|i| i.addresses.clone())
             .collect::<Vec<_>>(),
     ) {
-        let rules = nft::container_rules(&req.id, ip, masquerade, &req.publish);
+        let mut rules = nft::container_rules(
+            &req.id,
+            ip,
+            masquerade.as_ref().map(|m| m.subnet),
+            &req.publish,
+        );
+        if settings.isolate {
+            if let Some(m) = &masquerade {
+                rules.extend(nft::isolation_rules(&req.id, ip, m.subnet, m.gateway));
+            }
+        }
         if !rules.is_empty() {
             record.nft = true;
             record.save(&req.record_path).await?;
@@ -434,14 +447,20 @@ fn invoker(settings: &Settings) -> cni::Invoker {
     }
 }
 
-/// CNI ADD under the host lock, with bounded retries; returns the subnet of the first IPv4
-/// address (what masquerade excludes).
+/// The IPv4 network CNI put a container on: what masquerade excludes and isolation covers.
+struct CniSubnet {
+    subnet: IpNet,
+    gateway: Option<std::net::Ipv4Addr>,
+}
+
+/// CNI ADD under the host lock, with bounded retries; returns the first IPv4 address's subnet
+/// and gateway.
 async fn cni_add(
     settings: &Settings,
     req: &Request,
     record: &mut NetworkRecord,
     netns: &Path,
-) -> Result<Option<IpNet>, NetError> {
+) -> Result<Option<CniSubnet>, NetError> {
     let list = cni::ConfList::load(&settings.cni_conflist).await?;
     let raw = tokio::fs::read(&settings.cni_conflist)
         .await
@@ -488,7 +507,13 @@ async fn cni_add(
                     .ips
                     .iter()
                     .find(|ip| ip.address.addr().is_ipv4())
-                    .map(|ip| ip.address.trunc());
+                    .map(|ip| CniSubnet {
+                        subnet: ip.address.trunc(),
+                        gateway: match ip.gateway {
+                            Some(std::net::IpAddr::V4(g)) => Some(g),
+                            _ => None,
+                        },
+                    });
                 return Ok(subnet);
             }
             Err(e) => {

@@ -1,6 +1,7 @@
-//! The host firewall, through `nft -j` (libnftables' JSON): one `inet spinbox` table with NAT
-//! chains; every rule for a container carries the comment `spinbox:<id>`, which is how the
-//! rules of one container are found and removed together.
+//! The host firewall, through `nft -j` (libnftables' JSON): an `inet spinbox` table with NAT
+//! chains and, for isolation between containers, a `bridge spinbox` table filtering what the
+//! bridge forwards; every rule for a container carries the comment `spinbox:<id>`, which is
+//! how the rules of one container are found and removed together.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -16,6 +17,9 @@ use crate::NetError;
 
 pub const TABLE: &str = "spinbox";
 pub const FAMILY: &str = "inet";
+/// The family of the table that filters bridged traffic (isolation).
+pub const BRIDGE_FAMILY: &str = "bridge";
+const FAMILIES: [&str; 2] = [FAMILY, BRIDGE_FAMILY];
 
 /// The comment that tags every rule of container `id`.
 pub fn tag(id: &str) -> String {
@@ -26,6 +30,14 @@ pub fn tag(id: &str) -> String {
 pub struct Nft {
     pub binary: PathBuf,
     pub timeout: Duration,
+}
+
+fn bridge_chains() -> Vec<Value> {
+    vec![
+        json!({"add": {"table": {"family": BRIDGE_FAMILY, "name": TABLE}}}),
+        json!({"add": {"chain": {"family": BRIDGE_FAMILY, "table": TABLE, "name": "forward",
+            "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}}),
+    ]
 }
 
 fn base_chains() -> Vec<Value> {
@@ -42,8 +54,41 @@ fn base_chains() -> Vec<Value> {
 }
 
 fn rule(chain: &str, id: &str, expr: Vec<Value>) -> Value {
-    json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain,
+    rule_in(FAMILY, chain, id, expr)
+}
+
+fn rule_in(family: &str, chain: &str, id: &str, expr: Vec<Value>) -> Value {
+    json!({"add": {"rule": {"family": family, "table": TABLE, "chain": chain,
         "comment": tag(id), "expr": expr}}})
+}
+
+/// Isolation: the bridge drops what container `id` at `ip` sends to other addresses of
+/// `subnet` (its gateway, the host, excepted). ARP passes; IP does not.
+pub fn isolation_rules(
+    id: &str,
+    ip: Ipv4Addr,
+    subnet: IpNet,
+    gateway: Option<Ipv4Addr>,
+) -> Vec<Value> {
+    let IpNet::V4(net) = subnet else {
+        return Vec::new();
+    };
+    let mut expr = vec![
+        json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+            "right": ip.to_string()}}),
+        json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+            "right": {"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}}}}),
+    ];
+    if let Some(gw) = gateway {
+        expr.push(
+            json!({"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+            "right": gw.to_string()}}),
+        );
+    }
+    expr.push(json!({"drop": null}));
+    let mut out = bridge_chains();
+    out.push(rule_in(BRIDGE_FAMILY, "forward", id, expr));
+    out
 }
 
 fn is_local() -> Value {
@@ -95,9 +140,10 @@ pub fn container_rules(
     out
 }
 
-/// One rule of the spinbox table as listed.
+/// One rule of a spinbox table as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedRule {
+    pub family: String,
     pub chain: String,
     pub handle: u64,
     pub comment: String,
@@ -160,23 +206,29 @@ impl Nft {
         self.apply(cmds).await
     }
 
-    /// Every rule of the spinbox table; an absent table has none.
+    /// Every rule of the spinbox tables; an absent table has none.
     pub async fn list(&self) -> Result<Vec<ListedRule>, NetError> {
-        let out = match self
-            .run(&["-j", "list", "table", FAMILY, TABLE], None)
-            .await
-        {
-            Ok(o) => o,
-            Err(NetError::Nft { reason, .. }) if reason.contains("No such file or directory") => {
-                return Ok(Vec::new())
-            }
-            Err(e) => return Err(e),
-        };
-        let v: Value = serde_json::from_slice(&out).map_err(|e| NetError::Nft {
-            what: "parsing nft -j list output".into(),
-            reason: e.to_string(),
-        })?;
-        Ok(parse_rules(&v))
+        let mut rules = Vec::new();
+        for family in FAMILIES {
+            let out = match self
+                .run(&["-j", "list", "table", family, TABLE], None)
+                .await
+            {
+                Ok(o) => o,
+                Err(NetError::Nft { reason, .. })
+                    if reason.contains("No such file or directory") =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let v: Value = serde_json::from_slice(&out).map_err(|e| NetError::Nft {
+                what: "parsing nft -j list output".into(),
+                reason: e.to_string(),
+            })?;
+            rules.extend(parse_rules(&v));
+        }
+        Ok(rules)
     }
 
     /// Removes every rule tagged for container `id`; none is not an error.
@@ -191,7 +243,7 @@ impl Nft {
         let cmds = doomed
             .iter()
             .map(|r| {
-                json!({"delete": {"rule": {"family": FAMILY, "table": TABLE,
+                json!({"delete": {"rule": {"family": r.family, "table": TABLE,
                     "chain": r.chain, "handle": r.handle}}})
             })
             .collect();
@@ -216,6 +268,11 @@ pub fn parse_rules(v: &Value) -> Vec<ListedRule> {
             continue;
         };
         out.push(ListedRule {
+            family: r
+                .get("family")
+                .and_then(Value::as_str)
+                .unwrap_or(FAMILY)
+                .to_string(),
             chain: chain.to_string(),
             handle,
             comment: r
@@ -264,6 +321,22 @@ mod tests {
         );
         assert!(text.contains(r#""right":8080"#));
         assert!(container_rules("c", "10.0.0.1".parse().unwrap(), None, &[]).is_empty());
+        let iso = isolation_rules(
+            "c1",
+            "10.87.0.5".parse().unwrap(),
+            "10.87.0.0/16".parse().unwrap(),
+            Some("10.87.0.1".parse().unwrap()),
+        );
+        let rule = &iso.last().unwrap()["add"]["rule"];
+        assert_eq!(rule["family"], "bridge");
+        assert_eq!(rule["comment"], "spinbox:c1");
+        let text = serde_json::to_string(rule).unwrap();
+        assert!(
+            text.contains(r#""op":"!=""#)
+                && text.contains("10.87.0.1")
+                && text.contains(r#""drop":null"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ fn settings(mode: Mode, conflist: PathBuf, dir: &Path) -> Settings {
         lock_file: dir.join("cni.lock"),
         nft: "nft".into(),
         nft_timeout: Duration::from_secs(5),
+        isolate: false,
     }
 }
 
@@ -55,13 +56,19 @@ impl Drop for Scratch {
     }
 }
 
+/// Rules tagged for `id` in the spinbox tables (inet: NAT; bridge: isolation).
 fn tag_rules(id: &str) -> usize {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", "inet", "spinbox"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.matches(&format!("\"spinbox:{id}\"")).count()
+    ["inet", "bridge"]
+        .iter()
+        .map(|family| {
+            let out = Command::new("nft")
+                .args(["-j", "list", "table", family, "spinbox"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.matches(&format!("\"spinbox:{id}\"")).count()
+        })
+        .sum()
 }
 
 /// Reads frames from the TAP until one satisfies `want` or 5 s pass (poll(2) on a blocking
@@ -250,7 +257,8 @@ async fn cni_mode_allocates_publishes_and_releases_everything() {
         .to_string(),
     )
     .unwrap();
-    let s = settings(Mode::Auto, conflist, tmp.path());
+    let mut s = settings(Mode::Auto, conflist, tmp.path());
+    s.isolate = true;
     let id = format!("sbt-cni-{pid}");
     let record_path = tmp.path().join("network.json");
     let req = Request {
@@ -282,8 +290,16 @@ async fn cni_mode_allocates_publishes_and_releases_everything() {
         .filter_map(|e| e.ok())
         .any(|e| e.file_name().to_string_lossy() == addr.addr().to_string());
     assert!(allocated, "host-local holds no file for {addr}");
-    // masquerade + publish in prerouting and output
-    assert_eq!(tag_rules(&id), 3);
+    // masquerade + publish in prerouting and output + isolation on the bridge
+    assert_eq!(tag_rules(&id), 4);
+    let bridge_rules = sh(&["nft", "list", "table", "bridge", "spinbox"]);
+    assert!(
+        bridge_rules.contains(&format!(
+            "ip saddr {} ip daddr 10.87.252.0/24 ip daddr != 10.87.252.1 drop",
+            addr.addr()
+        )),
+        "{bridge_rules}"
+    );
     let rec = NetworkRecord::load(&record_path).await.unwrap().unwrap();
     assert!(rec.netns_created && rec.nft && rec.cni.as_ref().unwrap().result.is_some());
 
