@@ -2,8 +2,8 @@
 //!
 //! Boot: mount pseudo filesystems, read the kernel command line, load the initrd's kernel
 //! modules, watch the ACPI power button, then serve ttrpc on a vsock port (and container stdio
-//! streams on a second one). Run as `spinbox-agent __container-init` it is instead a
-//! container's init (see `container::child`). Every way out
+//! streams on a second one). Run as `spinbox-agent __container-init` (or `__container-exec`)
+//! it is instead a container's init (or exec process; see `container::child`). Every way out
 //! (ctrl-alt-del, SIGTERM/SIGPWR, the power button, an error, a panic) powers the VM off.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -32,12 +32,14 @@ const BIND_ATTEMPTS: u32 = 5;
 const BIND_RETRY: Duration = Duration::from_millis(100);
 
 fn main() {
-    // Re-executed as a container's init (see container::launch): that process is PID 1 of its
-    // own namespaces and must do none of the guest init's work.
-    if std::env::args_os().nth(1).as_deref()
-        == Some(std::ffi::OsStr::new(container::launch::CONTAINER_INIT_ARG))
-    {
+    // Re-executed as a container's init or exec process (see container::launch): that
+    // process lives in the container's namespaces and must do none of the guest init's work.
+    let mode = std::env::args_os().nth(1);
+    if mode.as_deref() == Some(std::ffi::OsStr::new(container::launch::CONTAINER_INIT_ARG)) {
         container::child::main();
+    }
+    if mode.as_deref() == Some(std::ffi::OsStr::new(container::launch::CONTAINER_EXEC_ARG)) {
+        container::child::exec_main();
     }
     shutdown::install_panic_hook();
     let reason = match run() {

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use spinbox_agent_api::agent::{
-    CreateContainerRequest, CreateContainerResponse, Empty, HealthRequest, HealthResponse,
-    ListPidsResponse, NetworkConfig, PrepareShutdownRequest, PrepareShutdownResponse,
-    ProcessRequest, SignalProcessRequest, StartProcessResponse, WaitProcessResponse,
+    CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest, HealthRequest,
+    HealthResponse, ListPidsResponse, NetworkConfig, OomEvent, PrepareShutdownRequest,
+    PrepareShutdownResponse, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
+    StartProcessResponse, StatsResponse, UpdateContainerRequest, WaitProcessResponse,
 };
 use spinbox_agent_api::agent_ttrpc::{create_agent, Agent};
 use ttrpc::r#async::{Service, TtrpcContext};
@@ -168,6 +169,70 @@ impl Agent for AgentService {
             .remove(&req.container_id, &req.exec_id)
             .await?;
         Ok(Empty::default())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.exec(req).await?;
+        Ok(Empty::default())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .resize_pty(&req.container_id, &req.exec_id, req.width, req.height)?;
+        Ok(Empty::default())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<StatsResponse> {
+        let files = self.containers.stats(&req.container_id).await?;
+        Ok(StatsResponse {
+            files,
+            ..Default::default()
+        })
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id).await?;
+        Ok(Empty::default())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.resume(&req.container_id).await?;
+        Ok(Empty::default())
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .update(&req.container_id, &req.resources)
+            .await?;
+        Ok(Empty::default())
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
+        let container_id = self.containers.next_oom_event().await?;
+        Ok(OomEvent {
+            container_id,
+            ..Default::default()
+        })
     }
 }
 

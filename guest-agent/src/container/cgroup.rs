@@ -107,6 +107,141 @@ pub fn limits(r: &Resources) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// What the VM has, for checking limits against: memory hotplug and CPU hotplug are not
+/// supported, so a limit above these can never be met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmCapacity {
+    /// MemTotal, in bytes.
+    pub memory_bytes: u64,
+    /// Online CPUs.
+    pub cpus: u64,
+}
+
+impl VmCapacity {
+    /// Reads /proc/meminfo and the online CPUs. Blocking.
+    pub fn read() -> Result<VmCapacity> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+        let memory_bytes = meminfo_total(&meminfo).context("no MemTotal in /proc/meminfo")?;
+        let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ok()
+            .and_then(|s| count_cpu_list(&s))
+            .or_else(|| {
+                // SAFETY: sysconf has no memory-safety preconditions.
+                let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+                u64::try_from(n).ok().filter(|n| *n > 0)
+            })
+            .context("cannot tell how many CPUs are online")?;
+        Ok(VmCapacity { memory_bytes, cpus })
+    }
+}
+
+/// MemTotal from /proc/meminfo's text, in bytes.
+pub fn meminfo_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line["MemTotal:".len()..].split_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => n.checked_mul(1024),
+        None => Some(n),
+        Some(_) => None,
+    }
+}
+
+/// How many CPUs a kernel CPU list (`0-3,5`) names.
+pub fn count_cpu_list(list: &str) -> Option<u64> {
+    let list = list.trim();
+    if list.is_empty() {
+        return None;
+    }
+    let mut n = 0u64;
+    for part in list.split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                b.checked_sub(a)? + 1
+            }
+            None => {
+                part.parse::<u64>().ok()?;
+                1
+            }
+        };
+    }
+    Some(n)
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes / (1024 * 1024)
+}
+
+/// `quota / period` as a CPU count for messages (`2`, `2.5`).
+fn cpu_count(quota: u64, period: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let n = quota as f64 / period as f64;
+    let s = format!("{n:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn check_memory(what: &str, limit: u64, vm: VmCapacity) -> Result<()> {
+    if limit > vm.memory_bytes {
+        bail!(
+            "{what} {limit} exceeds the VM's {} MiB (memory hotplug is not supported)",
+            mib(vm.memory_bytes)
+        );
+    }
+    Ok(())
+}
+
+fn check_cpu(what: &str, quota: u64, period: u64, vm: VmCapacity) -> Result<()> {
+    if period > 0 && u128::from(quota) > u128::from(vm.cpus) * u128::from(period) {
+        bail!(
+            "{what} {quota} / period {period} ({} CPUs) exceeds the VM's {} CPUs (CPU hotplug is \
+             not supported)",
+            cpu_count(quota, period),
+            vm.cpus
+        );
+    }
+    Ok(())
+}
+
+/// Checks `linux.resources` against what the VM has: a memory limit above its memory or a
+/// CPU quota above its CPUs can never be met (the VM does not grow), so it is refused rather
+/// than silently meaning "unlimited". Also checks the `unified` memory.max and cpu.max.
+pub fn check_fits(r: &Resources, vm: VmCapacity) -> Result<()> {
+    if let Some(limit) = r.memory.as_ref().and_then(|m| m.limit) {
+        if let Ok(limit) = u64::try_from(limit) {
+            check_memory("linux.resources.memory.limit", limit, vm)?;
+        }
+    }
+    if let Some(c) = &r.cpu {
+        if let Some(quota) = c
+            .quota
+            .and_then(|q| u64::try_from(q).ok())
+            .filter(|q| *q > 0)
+        {
+            let period = c.period.filter(|p| *p != 0).unwrap_or(100_000);
+            check_cpu("linux.resources.cpu.quota", quota, period, vm)?;
+        }
+    }
+    if let Some(v) = r.unified.get("memory.max") {
+        if let Ok(limit) = v.trim().parse::<u64>() {
+            check_memory("linux.resources.unified[\"memory.max\"]", limit, vm)?;
+        }
+    }
+    if let Some(v) = r.unified.get("cpu.max") {
+        let mut words = v.split_whitespace();
+        if let Some(Ok(quota)) = words.next().map(str::parse::<u64>) {
+            let period = words.next().and_then(|p| p.parse().ok()).unwrap_or(100_000);
+            check_cpu(
+                "linux.resources.unified[\"cpu.max\"] quota",
+                quota,
+                period,
+                vm,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// A container's cgroup directory.
 #[derive(Debug)]
 pub struct Cgroup {
@@ -174,6 +309,11 @@ impl Cgroup {
         }
         debug!("created cgroup {}", cg.path.display());
         Ok(cg)
+    }
+
+    /// The directory: `/sys/fs/cgroup/spinbox/<id>`.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The directory, opened for clone3's CLONE_INTO_CGROUP.
@@ -277,5 +417,92 @@ mod tests {
             ..Default::default()
         };
         assert!(limits(&bad).is_err());
+    }
+
+    const VM: VmCapacity = VmCapacity {
+        memory_bytes: 512 * 1024 * 1024,
+        cpus: 2,
+    };
+
+    fn memory(limit: i64) -> Resources {
+        Resources {
+            memory: Some(Memory {
+                limit: Some(limit),
+                reservation: None,
+                swap: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn cpu(quota: i64, period: Option<u64>) -> Resources {
+        Resources {
+            cpu: Some(Cpu {
+                shares: None,
+                quota: Some(quota),
+                period,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn limits_fit_the_vm() {
+        assert!(check_fits(&Resources::default(), VM).is_ok());
+        assert!(check_fits(&memory(-1), VM).is_ok());
+        assert!(check_fits(&memory(0), VM).is_ok());
+        assert!(check_fits(&memory(512 * 1024 * 1024), VM).is_ok());
+        assert_eq!(
+            check_fits(&memory(1_073_741_824), VM)
+                .unwrap_err()
+                .to_string(),
+            "linux.resources.memory.limit 1073741824 exceeds the VM's 512 MiB (memory hotplug \
+             is not supported)"
+        );
+        assert!(check_fits(&cpu(-1, None), VM).is_ok());
+        assert!(check_fits(&cpu(0, Some(100_000)), VM).is_ok());
+        assert!(check_fits(&cpu(200_000, None), VM).is_ok());
+        assert!(check_fits(&cpu(100_000, Some(50_000)), VM).is_ok());
+        assert_eq!(
+            check_fits(&cpu(250_000, Some(100_000)), VM)
+                .unwrap_err()
+                .to_string(),
+            "linux.resources.cpu.quota 250000 / period 100000 (2.5 CPUs) exceeds the VM's 2 \
+             CPUs (CPU hotplug is not supported)"
+        );
+        assert!(check_fits(&cpu(300_000, None), VM)
+            .unwrap_err()
+            .to_string()
+            .contains("(3 CPUs)"));
+        assert!(check_fits(&cpu(i64::MAX, Some(u64::MAX)), VM).is_ok());
+        let unified = |k: &str, v: &str| Resources {
+            unified: [(k.to_string(), v.to_string())].into(),
+            ..Default::default()
+        };
+        assert!(check_fits(&unified("memory.max", "max"), VM).is_ok());
+        assert!(check_fits(&unified("memory.max", "1073741824"), VM)
+            .unwrap_err()
+            .to_string()
+            .contains("unified[\"memory.max\"] 1073741824 exceeds the VM's 512 MiB"));
+        assert!(check_fits(&unified("cpu.max", "max 100000"), VM).is_ok());
+        assert!(check_fits(&unified("cpu.max", "150000 100000"), VM).is_ok());
+        assert!(check_fits(&unified("cpu.max", "300000 100000"), VM).is_err());
+        assert!(check_fits(&unified("cpu.max", "300000"), VM).is_err());
+    }
+
+    #[test]
+    fn vm_capacity_parsing() {
+        let meminfo = "MemTotal:         498212 kB\nMemFree:  1000 kB\n";
+        assert_eq!(meminfo_total(meminfo), Some(498_212 * 1024));
+        assert_eq!(meminfo_total("MemFree: 1 kB\n"), None);
+        assert_eq!(meminfo_total("MemTotal: x kB\n"), None);
+        assert_eq!(count_cpu_list("0\n"), Some(1));
+        assert_eq!(count_cpu_list("0-3\n"), Some(4));
+        assert_eq!(count_cpu_list("0-3,5,7-8"), Some(7));
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("a"), None);
+        let here = VmCapacity::read().unwrap();
+        assert!(here.cpus >= 1 && here.memory_bytes > 0);
     }
 }

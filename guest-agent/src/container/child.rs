@@ -4,6 +4,15 @@
 //! paths, hostname, rlimits, user and groups, capabilities. Then it reports READY on the
 //! status fd, waits for the start byte and execve()s the container's process.
 //!
+//! container-exec (`spinbox-agent __container-exec`): an exec process, born in the container's
+//! pid namespace and cgroup. It joins the init's other namespaces through the init's pidfd
+//! (fd 6), which also puts it in the container's root (the init pivot_root'ed there), then
+//! does the process part of the setup (rlimits, cwd, user, capabilities) and the same
+//! READY / start / execve dance.
+//!
+//! Both call setsid(2); with a terminal (fds 0-2 are a pty slave) they make it their
+//! controlling terminal.
+//!
 //! Status protocol on fd 5 (close-on-exec): `READY\n` once set up; `ERROR <message>\n` on any
 //! failure (then exit 127). EOF after READY with no ERROR means the execve succeeded.
 
@@ -21,16 +30,25 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{chdir, pivot_root, Gid, Uid};
 
 use super::caps;
-use super::launch::{FD_CONFIG, FD_START, FD_STATUS};
-use super::spec::{DevicePlan, InitConfig, MountPlan};
+use super::launch::{EXEC_JOIN_NAMESPACES, FD_CONFIG, FD_INIT_PIDFD, FD_START, FD_STATUS};
+use super::spec::{DevicePlan, ExecConfig, InitConfig, MountPlan, ProcessConfig};
 
 /// PATH when the process environment has none (runc's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Entry point; never returns.
+/// Entry point of container-init; never returns.
 pub fn main() -> ! {
+    run_main(run_init)
+}
+
+/// Entry point of container-exec; never returns.
+pub fn exec_main() -> ! {
+    run_main(run_exec)
+}
+
+fn run_main(run: fn() -> Result<()>) -> ! {
     std::panic::set_hook(Box::new(|info| {
-        report_error(&format!("container-init panicked: {info}"));
+        report_error(&format!("container process setup panicked: {info}"));
         // SAFETY: _exit ends the process without running anything else.
         unsafe { libc::_exit(127) }
     }));
@@ -38,7 +56,7 @@ pub fn main() -> ! {
         report_error(&format!("{e:#}"));
         std::process::exit(127);
     }
-    // run() only returns Ok when the start pipe closed without a start byte: the container
+    // run() only returns Ok when the start pipe closed without a start byte: the process
     // was removed before it started.
     std::process::exit(0)
 }
@@ -56,11 +74,13 @@ fn report_error(msg: &str) {
     let _ = write_status(format!("ERROR {msg}\n").as_bytes());
 }
 
-fn run() -> Result<()> {
-    // Nothing of the agent's beyond fds 0-5 may reach the container.
+/// What both modes do first: close every fd above `last_fd`, make the status fd close on
+/// exec, reset signals and the umask, and read the config from fd 3.
+fn prepare(last_fd: i32) -> Result<Vec<u8>> {
+    // Nothing of the agent's beyond the handed fds may reach the container.
     // SAFETY: close_range on a range of fds this process does not use.
-    if unsafe { libc::syscall(libc::SYS_close_range, FD_STATUS + 1, u32::MAX, 0) } != 0 {
-        close_fds_slowly();
+    if unsafe { libc::syscall(libc::SYS_close_range, last_fd + 1, u32::MAX, 0) } != 0 {
+        close_fds_slowly(last_fd);
     }
     // SAFETY: setting FD_CLOEXEC on our status fd: it must close when the execve succeeds.
     unsafe { libc::fcntl(FD_STATUS, libc::F_SETFD, libc::FD_CLOEXEC) };
@@ -73,13 +93,71 @@ fn run() -> Result<()> {
     let mut json = Vec::new();
     config_file
         .read_to_end(&mut json)
-        .context("reading the init config")?;
-    drop(config_file);
-    let cfg: InitConfig = serde_json::from_slice(&json).context("decoding the init config")?;
-    let id = cfg.container_id.clone();
-    setup(&cfg).with_context(|| format!("container {id:?}"))?;
-    let exe = resolve_exec(&cfg).with_context(|| format!("container {id:?}"))?;
+        .context("reading the config")?;
+    Ok(json)
+}
 
+fn run_init() -> Result<()> {
+    let json = prepare(FD_STATUS)?;
+    let cfg: InitConfig = serde_json::from_slice(&json).context("decoding the init config")?;
+    let what = format!("container {:?}", cfg.container_id);
+    new_session(cfg.process.terminal).with_context(|| what.clone())?;
+    setup(&cfg).with_context(|| what.clone())?;
+    setup_process(&cfg.process).with_context(|| what.clone())?;
+    start_and_exec(&cfg.process, &what)
+}
+
+fn run_exec() -> Result<()> {
+    let json = prepare(FD_INIT_PIDFD)?;
+    let cfg: ExecConfig = serde_json::from_slice(&json).context("decoding the exec config")?;
+    // Not `exec "…"`: the agent reads that prefix as a failed execve.
+    let what = format!(
+        "container {:?}, exec process {:?}",
+        cfg.container_id, cfg.exec_id
+    );
+    join_namespaces().with_context(|| what.clone())?;
+    new_session(cfg.process.terminal).with_context(|| what.clone())?;
+    setup_process(&cfg.process).with_context(|| what.clone())?;
+    start_and_exec(&cfg.process, &what)
+}
+
+/// Enters the init's mount, uts, ipc, network and cgroup namespaces (we were born in its pid
+/// namespace). Entering its mount namespace also sets our root and cwd to that namespace's
+/// root, which is the container's root: the init's pivot_root mounted it there.
+fn join_namespaces() -> Result<()> {
+    // SAFETY: setns(2) on the init's pidfd, handed over as fd 6.
+    if unsafe { libc::setns(FD_INIT_PIDFD, EXEC_JOIN_NAMESPACES) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let hint = if e.raw_os_error() == Some(libc::ESRCH) {
+            " (the container's init has exited)"
+        } else {
+            ""
+        };
+        return Err(e).with_context(|| format!("joining the container's namespaces{hint}"));
+    }
+    // SAFETY: closing the pidfd we no longer need.
+    unsafe { libc::close(FD_INIT_PIDFD) };
+    chdir("/").context("chdir / in the container")?;
+    Ok(())
+}
+
+/// A new session (as runc does for every process); with a terminal, fd 0 (the pty slave)
+/// becomes its controlling terminal.
+fn new_session(terminal: bool) -> Result<()> {
+    nix::unistd::setsid().context("setsid")?;
+    if terminal {
+        // SAFETY: TIOCSCTTY on fd 0 with arg 0 (do not steal another session's terminal).
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("making the terminal the controlling terminal (TIOCSCTTY)");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves the program, reports READY, waits for the start byte and execs.
+fn start_and_exec(p: &ProcessConfig, what: &str) -> Result<()> {
+    let exe = resolve_exec(p).with_context(|| what.to_string())?;
     write_status(b"READY\n").context("reporting ready")?;
     // SAFETY: fd 4 is the start pipe's read end, ours alone.
     let mut start = unsafe { File::from_raw_fd(FD_START) };
@@ -93,7 +171,7 @@ fn run() -> Result<()> {
         }
     }
     drop(start);
-    exec(&cfg, &exe).with_context(|| format!("container {id:?}"))
+    exec(p, &exe).with_context(|| what.to_string())
 }
 
 /// One write of a whole (short) status line; a pipe write of < PIPE_BUF bytes is atomic.
@@ -106,7 +184,7 @@ fn write_status(line: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-fn close_fds_slowly() {
+fn close_fds_slowly(last_fd: i32) {
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.flatten()
@@ -115,7 +193,7 @@ fn close_fds_slowly() {
         })
         .unwrap_or_default();
     for fd in fds {
-        if fd > FD_STATUS {
+        if fd > last_fd {
             // SAFETY: closing fds inherited from the agent that nothing here uses.
             unsafe { libc::close(fd) };
         }
@@ -225,7 +303,13 @@ fn setup(cfg: &InitConfig) -> Result<()> {
                 .with_context(|| format!("setdomainname {d:?}"));
         }
     }
-    for r in &cfg.rlimits {
+    Ok(())
+}
+
+/// The process part of the setup, for the init and exec processes alike: rlimits,
+/// oom_score_adj, working directory, capabilities, user and groups, no_new_privs.
+fn setup_process(p: &ProcessConfig) -> Result<()> {
+    for r in &p.rlimits {
         let lim = libc::rlimit {
             rlim_cur: r.soft,
             rlim_max: r.hard,
@@ -236,24 +320,24 @@ fn setup(cfg: &InitConfig) -> Result<()> {
                 .with_context(|| format!("setrlimit({}, {}, {})", r.resource, r.soft, r.hard));
         }
     }
-    if let Some(adj) = cfg.oom_score_adj {
+    if let Some(adj) = p.oom_score_adj {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .with_context(|| format!("oom_score_adj {adj}"))?;
     }
 
     // Working directory: before the user switch (root can enter anything), and again after
     // when that failed (a path only the user may enter, e.g. on a root-squashed mount).
-    let cwd_first = chdir(cfg.cwd.as_str());
-    if let Some(c) = &cfg.capabilities {
+    let cwd_first = chdir(p.cwd.as_str());
+    if let Some(c) = &p.capabilities {
         caps::apply_bounding(c)?;
     }
-    switch_user(cfg)?;
+    switch_user(p)?;
     if let Err(first) = cwd_first {
-        chdir(cfg.cwd.as_str())
+        chdir(p.cwd.as_str())
             .map_err(|e| if e == Errno::ENOENT { first } else { e })
-            .with_context(|| format!("chdir to process.cwd {:?}", cfg.cwd))?;
+            .with_context(|| format!("chdir to process.cwd {:?}", p.cwd))?;
     }
-    if cfg.no_new_privileges {
+    if p.no_new_privileges {
         caps::set_no_new_privs()?;
     }
     Ok(())
@@ -557,7 +641,7 @@ fn loopback_up() -> Result<()> {
 /// Groups, gid, uid, with capabilities carried over the uid change and then set as the spec
 /// says. The supplementary groups are exactly `additionalGids`, as runc sets them (the primary
 /// gid is not added).
-fn switch_user(cfg: &InitConfig) -> Result<()> {
+fn switch_user(cfg: &ProcessConfig) -> Result<()> {
     let groups: Vec<Gid> = cfg
         .additional_gids
         .iter()
@@ -651,7 +735,7 @@ fn is_executable(p: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn resolve_exec(cfg: &InitConfig) -> Result<PathBuf> {
+fn resolve_exec(cfg: &ProcessConfig) -> Result<PathBuf> {
     let program = cfg.args.first().map(String::as_str).unwrap_or("");
     let path = env_get(&cfg.env, "PATH").unwrap_or(DEFAULT_PATH);
     resolve_program(program, path, &is_executable)
@@ -669,7 +753,7 @@ fn home_for(uid: u32) -> String {
     "/".to_string()
 }
 
-fn exec(cfg: &InitConfig, exe: &Path) -> Result<()> {
+fn exec(cfg: &ProcessConfig, exe: &Path) -> Result<()> {
     let mut env = cfg.env.clone();
     if env_get(&env, "HOME").is_none() {
         env.push(format!("HOME={}", home_for(cfg.uid)));

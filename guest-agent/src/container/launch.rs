@@ -1,8 +1,10 @@
-//! Starting a container's init: clone3(2) into new namespaces (and straight into the
-//! container's cgroup), then, in the child, only dup2(2) and execve(2) of the agent binary in
-//! its `__container-init` mode. No Rust code runs between clone and exec: the agent is
-//! multithreaded, and the child of a multithreaded process may only make async-signal-safe
-//! calls. Everything the child touches is prepared before the clone.
+//! Starting a container's processes: clone3(2) into new namespaces (the init) or into the
+//! pid namespace the calling thread set for its children (an exec, see [`spawn_exec`]),
+//! straight into the container's cgroup; then, in the child, only dup2(2) and execve(2) of the
+//! agent binary in its `__container-init` or `__container-exec` mode. No Rust code runs
+//! between clone and exec: the agent is multithreaded, and the child of a multithreaded
+//! process may only make async-signal-safe calls. Everything the child touches is prepared
+//! before the clone.
 
 use std::ffi::CString;
 use std::io::{Seek as _, SeekFrom, Write as _};
@@ -14,13 +16,26 @@ use crate::reaper::{self, ExitInfo};
 
 /// argv[1] that makes the agent binary run as a container's init.
 pub const CONTAINER_INIT_ARG: &str = "__container-init";
+/// argv[1] that makes the agent binary run as an exec process (see `child::exec_main`).
+pub const CONTAINER_EXEC_ARG: &str = "__container-exec";
 
-/// The fds container-init finds open, by number.
+/// The fds container-init and container-exec find open, by number.
 pub const FD_CONFIG: RawFd = 3;
 pub const FD_START: RawFd = 4;
 pub const FD_STATUS: RawFd = 5;
-/// Number of fds handed over: 0, 1, 2, config, start, status.
-const HANDED_FDS: usize = 6;
+/// container-exec only: a pidfd of the container's init, whose namespaces it joins.
+pub const FD_INIT_PIDFD: RawFd = 6;
+/// Most fds handed over: 0, 1, 2, config, start, status, init pidfd.
+const MAX_HANDED_FDS: usize = 7;
+
+/// The namespaces container-exec joins through the init's pidfd (setns(2) with a pidfd and
+/// several flags, Linux 5.8+). The pid namespace is not among them: the process is born in it
+/// (see [`spawn_exec`]).
+pub const EXEC_JOIN_NAMESPACES: libc::c_int = libc::CLONE_NEWNS
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWCGROUP;
 
 const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -91,8 +106,54 @@ pub fn spawn(
     namespaces: u64,
     cgroup: Option<BorrowedFd<'_>>,
 ) -> Result<Launched> {
+    spawn_mode(
+        CONTAINER_INIT_ARG,
+        config_json,
+        fds,
+        None,
+        namespaces,
+        cgroup,
+    )
+}
+
+/// Starts an exec process of a running container, from a dedicated thread (which ends with
+/// it): the thread enters the init's pid namespace for its children (setns(2) with
+/// CLONE_NEWPID changes only where the caller's future children are born, and only for this
+/// thread), then clones container-exec into it and into the container's cgroup. The child is
+/// the agent's, so the reaper collects it. container-exec joins the init's other namespaces
+/// itself (a multithreaded process may not change its mount namespace), from the pidfd it
+/// gets as fd 6. Blocks the calling thread only briefly; call it from a fresh thread.
+pub fn spawn_exec(
+    config_json: &[u8],
+    fds: ChildFds,
+    init_pidfd: OwnedFd,
+    cgroup: BorrowedFd<'_>,
+) -> Result<Launched> {
+    // SAFETY: setns(2) on a pidfd we hold, with one namespace flag.
+    if unsafe { libc::setns(init_pidfd.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("entering the init's pid namespace (setns CLONE_NEWPID)");
+    }
+    spawn_mode(
+        CONTAINER_EXEC_ARG,
+        config_json,
+        fds,
+        Some(init_pidfd),
+        0,
+        Some(cgroup),
+    )
+}
+
+fn spawn_mode(
+    mode: &str,
+    config_json: &[u8],
+    fds: ChildFds,
+    init_pidfd: Option<OwnedFd>,
+    namespaces: u64,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> Result<Launched> {
     let config = memfd_with(config_json)?;
-    let sources = [
+    let mut sources = vec![
         high_dup(fds.stdin.as_fd_ref())?,
         high_dup(fds.stdout.as_fd_ref())?,
         high_dup(fds.stderr.as_fd_ref())?,
@@ -100,17 +161,18 @@ pub fn spawn(
         high_dup(fds.start.as_fd_ref())?,
         high_dup(fds.status.as_fd_ref())?,
     ];
-    let raw: [RawFd; HANDED_FDS] = [
-        sources[0].as_raw_fd(),
-        sources[1].as_raw_fd(),
-        sources[2].as_raw_fd(),
-        sources[3].as_raw_fd(),
-        sources[4].as_raw_fd(),
-        sources[5].as_raw_fd(),
-    ];
+    if let Some(p) = &init_pidfd {
+        sources.push(high_dup(p.as_fd_ref())?);
+    }
+    let mut raw: [RawFd; MAX_HANDED_FDS] = [-1; MAX_HANDED_FDS];
+    for (slot, src) in raw.iter_mut().zip(&sources) {
+        *slot = src.as_raw_fd();
+    }
+    // Sliced before the clone: the child must not run anything that could panic.
+    let handed = &raw[..sources.len()];
     let exe = c"/proc/self/exe";
     let arg0 = c"spinbox-agent";
-    let arg1 = CString::new(CONTAINER_INIT_ARG).context("argv")?;
+    let arg1 = CString::new(mode).context("argv")?;
     let argv: [*const libc::c_char; 3] = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     let mut pidfd: libc::c_int = -1;
@@ -138,8 +200,8 @@ pub fn spawn(
         };
         if rc == 0 {
             // The child.
-            for (target, src) in raw.iter().enumerate() {
-                // SAFETY: plain syscalls on fds that exist; target < 6 <= 10 <= src.
+            for (target, src) in handed.iter().enumerate() {
+                // SAFETY: plain syscalls on fds that exist; target < 7 <= 10 <= src.
                 if unsafe { libc::dup2(*src, target as libc::c_int) } < 0 {
                     unsafe { libc::_exit(126) };
                 }
@@ -158,8 +220,15 @@ pub fn spawn(
             i32::try_from(rc).map_err(|_| std::io::Error::other("clone3: pid out of range"))?;
         Ok((pid, ()))
     })
-    .context("clone3 (new namespaces, into the container cgroup)")?;
+    .with_context(|| {
+        if namespaces != 0 {
+            "clone3 (new namespaces, into the container cgroup)"
+        } else {
+            "clone3 (into the container's pid namespace and cgroup)"
+        }
+    })?;
     drop(sources);
+    drop(init_pidfd);
     // SAFETY: with CLONE_PIDFD the kernel stored a new (close-on-exec) pidfd here.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     Ok(Launched { pid, pidfd, exit })

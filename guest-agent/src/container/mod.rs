@@ -6,15 +6,24 @@
 //! the execve succeeded (or with its error). The exit is collected by PID 1's reaper and
 //! published, once stdout/stderr were flushed to the host, to every WaitProcess.
 //!
-//! Locks: `Manager::state` and each container's small std mutexes are held only for map or
-//! field updates, never across an await; the status pipe's tokio mutex serialises its readers
-//! (CreateContainer, then StartProcess).
+//! ExecProcess does the same for an exec process ([`exec`]): a container-exec born in the
+//! init's pid namespace and the container's cgroup, which joins the init's other namespaces.
+//! Every process RPC names its process by exec id ("" for the init); each process is a
+//! [`process::Proc`]. With `terminal` a process gets a pseudo-terminal ([`pty`]).
+//!
+//! Locks: `Manager::state`, each container's `execs` and each process's small std mutexes
+//! are held only for map or field updates, never across an await; a process's status pipe's
+//! tokio mutex serialises its readers (Create/ExecProcess, then StartProcess).
 
 pub mod caps;
 pub mod cgroup;
 pub mod child;
+pub mod exec;
 pub mod files;
 pub mod launch;
+pub mod ops;
+pub mod process;
+pub mod pty;
 pub mod rootfs;
 pub mod spec;
 pub mod stdio;
@@ -27,25 +36,15 @@ use std::time::Duration;
 
 use spinbox_agent_api::agent::CreateContainerRequest;
 use spinbox_agent_api::StdioStream;
-use tokio::io::AsyncReadExt as _;
 use tokio::net::unix::pipe;
-use tokio::sync::{oneshot, watch, Notify};
-use tokio::task::AbortHandle;
 use ttrpc::Code;
 
 use self::cgroup::Cgroup;
+use self::process::{Proc, StatusPipe, Stdio};
 use self::rootfs::MountedRootfs;
 use self::stdio::StdioConn;
 use crate::log::{debug, info, warning};
 use crate::reaper::ExitInfo;
-
-/// How long container-init may take to set up before CreateContainer gives up.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long StartProcess waits for the execve's outcome.
-const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
-/// RemoveContainer: wait for the killed init, then for the output pumps.
-const KILL_WAIT: Duration = Duration::from_secs(10);
-const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// An RPC failure: a ttrpc status code and a message naming what failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,19 +70,7 @@ impl From<RpcError> for ttrpc::Error {
 
 type RpcResult<T> = Result<T, RpcError>;
 
-/// Exec processes are a later step; every RPC names the init process with exec_id "".
-fn init_only(id: &str, exec_id: &str) -> RpcResult<()> {
-    if exec_id.is_empty() {
-        Ok(())
-    } else {
-        Err(RpcError::new(
-            Code::UNIMPLEMENTED,
-            format!("container {id:?}: exec {exec_id:?}: exec processes are not supported yet"),
-        ))
-    }
-}
-
-/// The code for a container-init error: a missing executable is NOT_FOUND.
+/// The code for a container-init/container-exec error: a missing executable is NOT_FOUND.
 fn setup_error_code(message: &str) -> Code {
     if message.contains("exec \"")
         && (message.contains("not found") || message.contains("No such file"))
@@ -94,61 +81,15 @@ fn setup_error_code(message: &str) -> Code {
     }
 }
 
-/// The read end of container-init's status pipe, read line by line.
-struct StatusPipe {
-    rx: pipe::Receiver,
-    buf: Vec<u8>,
-}
-
-impl StatusPipe {
-    /// The next line, or None at EOF (no more writers: the execve succeeded or the process
-    /// is gone).
-    async fn next_line(&mut self) -> std::io::Result<Option<String>> {
-        loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                return Ok(Some(
-                    String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
-                ));
-            }
-            let mut chunk = [0u8; 4096];
-            let n = self.rx.read(&mut chunk).await?;
-            if n == 0 {
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                let line = String::from_utf8_lossy(&self.buf).into_owned();
-                self.buf.clear();
-                return Ok(Some(line));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
 struct Container {
     id: String,
+    /// The init's pid.
     pid: i32,
-    pidfd: OwnedFd,
     cgroup: Cgroup,
     rootfs: Mutex<Option<MountedRootfs>>,
-    /// Write end of the start pipe, until StartProcess uses it.
-    start: Mutex<Option<OwnedFd>>,
-    status: tokio::sync::Mutex<StatusPipe>,
-    /// Streams requested and not yet connected (StdioStream is not Hash; at most three).
-    slots: Mutex<Vec<(StdioStream, oneshot::Sender<StdioConn>)>>,
-    stdin_close: Arc<Notify>,
-    /// Set when the init was reaped.
-    reaped: watch::Receiver<Option<ExitInfo>>,
-    /// Set once reaped and its output flushed: what WaitProcess reports.
-    exited: watch::Receiver<Option<ExitInfo>>,
-    tasks: Vec<AbortHandle>,
-}
-
-fn take_slot(c: &Container, stream: StdioStream) -> Option<oneshot::Sender<StdioConn>> {
-    let mut slots = lock(&c.slots);
-    let i = slots.iter().position(|(s, _)| *s == stream)?;
-    Some(slots.swap_remove(i).1)
+    init: Arc<Proc>,
+    /// Exec processes by exec id; None while its ExecProcess is in progress.
+    execs: Mutex<HashMap<String, Option<Arc<Proc>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,8 +97,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Container {
+    /// Whether the init has exited (then so has every process of the container).
     fn has_exited(&self) -> bool {
-        self.reaped.borrow().is_some()
+        self.init.has_exited()
+    }
+
+    /// The process an RPC names: the init for "", else an exec process.
+    fn process(&self, exec_id: &str) -> RpcResult<Arc<Proc>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        match lock(&self.execs).get(exec_id) {
+            Some(Some(p)) => Ok(p.clone()),
+            _ => Err(RpcError::new(
+                Code::NOT_FOUND,
+                format!("container {:?}: exec {exec_id:?} not found", self.id),
+            )),
+        }
     }
 }
 
@@ -255,6 +211,7 @@ impl Manager {
         let container =
             result.inspect_err(|e| warning!("container {id}: create failed: {}", e.message))?;
         let pid = container.pid;
+        ops::on_created(&container);
         st.containers.insert(id.clone(), container);
         info!("container {id}: created (pid {pid})");
         Ok(u32::try_from(pid).unwrap_or(0))
@@ -265,12 +222,6 @@ impl Manager {
         let invalid = |e: anyhow::Error| {
             RpcError::new(Code::INVALID_ARGUMENT, format!("container {id:?}: {e:#}"))
         };
-        if req.terminal {
-            return Err(RpcError::new(
-                Code::UNIMPLEMENTED,
-                format!("container {id:?}: terminal (TTY) is not supported yet"),
-            ));
-        }
         let Some(rootfs_req) = req.rootfs.as_ref() else {
             return Err(invalid(anyhow::anyhow!("no rootfs given")));
         };
@@ -279,7 +230,7 @@ impl Manager {
         let rootfs_path = Path::new(rootfs::CONTAINERS_DIR).join(id).join("rootfs");
         let rootfs_str = rootfs_path.display().to_string();
         let file_copies = files::guest_paths(id, &req.files);
-        let plan = spec::plan(
+        let mut plan = spec::plan(
             id,
             &spec,
             &spec::PlanContext {
@@ -291,6 +242,13 @@ impl Manager {
             },
         )
         .map_err(invalid)?;
+        if plan.init.process.terminal != req.terminal {
+            plan.warnings.push(format!(
+                "process.terminal is {} but the request says {}; following the request",
+                plan.init.process.terminal, req.terminal
+            ));
+            plan.init.process.terminal = req.terminal;
+        }
         for w in &plan.warnings {
             warning!("container {id}: {w}");
         }
@@ -359,34 +317,14 @@ impl Manager {
         rollback.cgroup = Some(cgroup);
 
         let io = |what: &'static str| move |e: std::io::Error| internal(what, &e);
-        let mut keep_stdin = None;
-        let mut keep_out = Vec::new();
-        let child_stdin = if req.stdin {
-            let (r, w) = pipe_pair().map_err(io("stdin pipe"))?;
-            keep_stdin = Some(pipe::Sender::from_owned_fd(w).map_err(io("stdin pipe"))?);
-            r
-        } else {
-            dev_null(false).map_err(io("/dev/null"))?
-        };
-        let mut output = |wanted: bool, stream: StdioStream| -> RpcResult<OwnedFd> {
-            if wanted {
-                let (r, w) = pipe_pair().map_err(io("output pipe"))?;
-                keep_out.push((
-                    stream,
-                    pipe::Receiver::from_owned_fd(r).map_err(io("output pipe"))?,
-                ));
-                Ok(w)
-            } else {
-                dev_null(true).map_err(io("/dev/null"))
-            }
-        };
-        let child_stdout = output(req.stdout, StdioStream::Stdout)?;
-        let child_stderr = output(req.stderr, StdioStream::Stderr)?;
+        let stdio =
+            Stdio::prepare(req.stdin, req.stdout, req.stderr, req.terminal).map_err(io("stdio"))?;
         let (start_r, start_w) = pipe_pair().map_err(io("start pipe"))?;
         let (status_r, status_w) = pipe_pair().map_err(io("status pipe"))?;
         let status_rx = pipe::Receiver::from_owned_fd(status_r).map_err(io("status pipe"))?;
         let json =
             serde_json::to_vec(&plan.init).map_err(|e| internal("encoding the init config", &e))?;
+        let (child_fds, ends) = stdio.split(start_r, status_w);
 
         let mut ns =
             libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
@@ -395,13 +333,7 @@ impl Manager {
         }
         let launched = launch::spawn(
             &json,
-            launch::ChildFds {
-                stdin: child_stdin,
-                stdout: child_stdout,
-                stderr: child_stderr,
-                start: start_r,
-                status: status_w,
-            },
+            child_fds,
             u64::try_from(ns).unwrap_or(0),
             Some(cgroup_dir.as_fd()),
         )
@@ -410,70 +342,15 @@ impl Manager {
         let pid = launched.pid;
         debug!("container {id}: container-init is pid {pid}");
 
-        let mut status = StatusPipe {
-            rx: status_rx,
-            buf: Vec::new(),
-        };
-        let outcome = tokio::time::timeout(SETUP_TIMEOUT, status.next_line()).await;
-        let failure = match outcome {
-            Ok(Ok(Some(line))) if line == "READY" => None,
-            Ok(Ok(Some(line))) => Some(match line.strip_prefix("ERROR ") {
-                Some(msg) => RpcError::new(setup_error_code(msg), msg.to_string()),
-                None => internal("container-init", &format!("unexpected status {line:?}")),
-            }),
-            Ok(Ok(None)) => Some(internal(
-                "container-init",
-                &"exited during setup without a word",
-            )),
-            Ok(Err(e)) => Some(internal("reading container-init's status", &e)),
-            Err(_) => Some(internal(
-                "container-init",
-                &format!("no answer within {}s", SETUP_TIMEOUT.as_secs()),
-            )),
-        };
-        if let Some(err) = failure {
-            let _ = launch::pidfd_signal(launched.pidfd.as_fd(), libc::SIGKILL);
-            let _ = tokio::time::timeout(KILL_WAIT, launched.exit).await;
-            return Err(err);
+        let label = format!("container {id:?}");
+        let mut status = StatusPipe::new(status_rx);
+        if let Err(e) = status.await_ready(&label).await {
+            Proc::kill_launched(launched).await;
+            return Err(e);
         }
-
-        // Set up: wire stdio and the exit publisher.
-        let stdin_close = Arc::new(Notify::new());
-        let mut slots = Vec::new();
-        let mut tasks = Vec::new();
-        if let Some(w) = keep_stdin {
-            let (tx, rx) = oneshot::channel();
-            slots.push((StdioStream::Stdin, tx));
-            let label = stdio::label(id, StdioStream::Stdin);
-            let close = stdin_close.clone();
-            let h = tokio::spawn(async move { stdio::pump_input(w, rx, close, &label).await });
-            tasks.push(h.abort_handle());
-        }
-        let mut output_pumps = Vec::new();
-        for (stream, r) in keep_out {
-            let (tx, rx) = oneshot::channel();
-            slots.push((stream, tx));
-            let label = stdio::label(id, stream);
-            let h = tokio::spawn(async move { stdio::pump_output(r, rx, &label).await });
-            tasks.push(h.abort_handle());
-            output_pumps.push(h);
-        }
-        let (reaped_tx, reaped_rx) = watch::channel(None);
-        let (exited_tx, exited_rx) = watch::channel(None);
-        let exit = launched.exit;
-        let label = id.to_string();
-        tokio::spawn(async move {
-            let Ok(info) = exit.await else {
-                warning!("container {label}: the reaper dropped its exit");
-                return;
-            };
-            reaped_tx.send_replace(Some(info));
-            for p in output_pumps {
-                let _ = p.await;
-            }
-            info!("container {label}: exited with status {}", info.status);
-            exited_tx.send_replace(Some(info));
-        });
+        // Set up: wire stdio and the exit publisher. No bound on the output flush: the init's
+        // exit ends the pid namespace, so every writer goes.
+        let init = Proc::wire(label, id, launched, ends, start_w, status, None);
 
         let Some(cgroup) = rollback.cgroup.take() else {
             return Err(internal("cgroup", &"lost"));
@@ -481,124 +358,57 @@ impl Manager {
         Ok(Arc::new(Container {
             id: id.to_string(),
             pid,
-            pidfd: launched.pidfd,
             cgroup,
             rootfs: Mutex::new(rollback.rootfs.take()),
-            start: Mutex::new(Some(start_w)),
-            status: tokio::sync::Mutex::new(status),
-            slots: Mutex::new(slots),
-            stdin_close,
-            reaped: reaped_rx,
-            exited: exited_rx,
-            tasks,
+            init: Arc::new(init),
+            execs: Mutex::new(HashMap::new()),
         }))
     }
 
-    /// StartProcess: lets the init exec; returns its pid, or the exec's error.
+    /// StartProcess: lets the process exec; returns its pid, or the exec's error.
     pub async fn start(&self, id: &str, exec_id: &str) -> RpcResult<u32> {
-        init_only(id, exec_id)?;
-        let c = self.get(id)?;
-        if c.has_exited() {
-            return Err(RpcError::new(
-                Code::FAILED_PRECONDITION,
-                format!("container {id:?}: the process has already exited"),
-            ));
-        }
-        let Some(start) = lock(&c.start).take() else {
-            return Err(RpcError::new(
-                Code::FAILED_PRECONDITION,
-                format!("container {id:?}: already started"),
-            ));
-        };
-        // One byte into an empty pipe never blocks.
-        if let Err(e) = nix::unistd::write(&start, &[1]) {
-            return Err(RpcError::new(
-                Code::FAILED_PRECONDITION,
-                format!("container {id:?}: signalling start: {e} (container-init is gone)"),
-            ));
-        }
-        drop(start);
-        let mut status = c.status.lock().await;
-        match tokio::time::timeout(EXEC_TIMEOUT, status.next_line()).await {
-            Ok(Ok(None)) => {
-                info!("container {id}: started (pid {})", c.pid);
-                Ok(u32::try_from(c.pid).unwrap_or(0))
-            }
-            Ok(Ok(Some(line))) => {
-                let msg = line.strip_prefix("ERROR ").unwrap_or(&line).to_string();
-                warning!("container {id}: start failed: {msg}");
-                Err(RpcError::new(setup_error_code(&msg), msg))
-            }
-            Ok(Err(e)) => Err(RpcError::new(
-                Code::INTERNAL,
-                format!("container {id:?}: reading the exec status: {e}"),
-            )),
-            Err(_) => Err(RpcError::new(
-                Code::DEADLINE_EXCEEDED,
-                format!(
-                    "container {id:?}: exec did not complete within {}s",
-                    EXEC_TIMEOUT.as_secs()
-                ),
-            )),
-        }
+        let p = self.get(id)?.process(exec_id)?;
+        p.start().await
     }
 
     /// WaitProcess: the exit, once the output was flushed.
     pub async fn wait(&self, id: &str, exec_id: &str) -> RpcResult<ExitInfo> {
-        init_only(id, exec_id)?;
-        let mut exited = self.get(id)?.exited.clone();
-        let result = exited.wait_for(|v| v.is_some()).await.map(|v| *v);
-        match result {
-            Ok(Some(info)) => Ok(info),
-            _ => Err(RpcError::new(
-                Code::ABORTED,
-                format!("container {id:?}: removed before its exit was known"),
-            )),
-        }
+        let p = self.get(id)?.process(exec_id)?;
+        p.wait().await
     }
 
-    /// SignalProcess.
+    /// SignalProcess: the named process, or with `all` every process of the container
+    /// (whichever process is named).
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> RpcResult<()> {
-        init_only(id, exec_id)?;
         let c = self.get(id)?;
-        let sig = i32::try_from(signal)
-            .ok()
-            .filter(|s| (1..=libc::SIGRTMAX()).contains(s))
-            .ok_or_else(|| {
-                RpcError::new(
-                    Code::INVALID_ARGUMENT,
-                    format!("container {id:?}: bad signal {signal}"),
-                )
-            })?;
+        let p = c.process(exec_id)?;
+        let sig = valid_signal(signal).ok_or_else(|| {
+            RpcError::new(
+                Code::INVALID_ARGUMENT,
+                format!("{}: bad signal {signal}", p.label),
+            )
+        })?;
+        if !all {
+            return p.signal(sig);
+        }
         if c.has_exited() {
             return Err(RpcError::new(
                 Code::NOT_FOUND,
                 format!("container {id:?}: the process has already exited"),
             ));
         }
-        if all {
-            for pid in c.cgroup.procs() {
-                if i32::try_from(pid).ok() == Some(c.pid) {
-                    continue;
-                }
-                if let Ok(p) = i32::try_from(pid) {
-                    // SAFETY: kill(2) with a pid and a signal number.
-                    unsafe { libc::kill(p, sig) };
-                }
+        for pid in c.cgroup.procs() {
+            if i32::try_from(pid).ok() == Some(c.pid) {
+                continue;
+            }
+            if let Ok(pid) = i32::try_from(pid) {
+                // SAFETY: kill(2) with a pid and a signal number.
+                unsafe { libc::kill(pid, sig) };
             }
         }
-        match launch::pidfd_signal(c.pidfd.as_fd(), sig) {
+        match launch::pidfd_signal(c.init.pidfd.as_fd(), sig) {
             Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-                if all {
-                    Ok(())
-                } else {
-                    Err(RpcError::new(
-                        Code::NOT_FOUND,
-                        format!("container {id:?}: the process has already exited"),
-                    ))
-                }
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             Err(e) => Err(RpcError::new(
                 Code::INTERNAL,
                 format!("container {id:?}: signal {sig}: {e}"),
@@ -608,52 +418,46 @@ impl Manager {
 
     /// CloseStdin.
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> RpcResult<()> {
-        init_only(id, exec_id)?;
-        let c = self.get(id)?;
-        // A stream not yet connected never will be: drop its slot so the pump ends.
-        take_slot(&c, StdioStream::Stdin);
-        c.stdin_close.notify_one();
+        self.get(id)?.process(exec_id)?.close_stdin();
         Ok(())
     }
 
-    /// ListPids: the container cgroup's processes.
+    /// ListPids: the container cgroup's processes, whichever process is named (containerd's
+    /// Pids is per container).
     pub fn list_pids(&self, id: &str, exec_id: &str) -> RpcResult<Vec<u32>> {
-        init_only(id, exec_id)?;
         let c = self.get(id)?;
+        c.process(exec_id)?;
         Ok(c.cgroup.procs())
     }
 
-    /// RemoveContainer: kill what is left, wait for it, unmount, forget. Idempotent.
+    /// ResizePty: the window size of a process's pseudo-terminal.
+    pub fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> RpcResult<()> {
+        self.get(id)?.process(exec_id)?.resize(width, height)
+    }
+
+    /// RemoveContainer: with an exec id, kill that exec process if it still runs and forget
+    /// it; else kill what is left of the container, wait for it, unmount, forget. Idempotent.
     pub async fn remove(&self, id: &str, exec_id: &str) -> RpcResult<()> {
-        init_only(id, exec_id)?;
         let Ok(c) = self.get(id) else {
             return Ok(());
         };
-        let mut problems = Vec::new();
+        if !exec_id.is_empty() {
+            return exec::remove(&c, exec_id).await;
+        }
+        ops::on_removed(&c);
         if !c.has_exited() {
             c.cgroup.kill();
-            let _ = launch::pidfd_signal(c.pidfd.as_fd(), libc::SIGKILL);
-            let mut reaped = c.reaped.clone();
-            if tokio::time::timeout(KILL_WAIT, reaped.wait_for(|v| v.is_some()))
+        }
+        // The init and every exec process (a reservation dropped here makes its ExecProcess
+        // kill what it made).
+        let mut procs = vec![c.init.clone()];
+        procs.extend(lock(&c.execs).drain().filter_map(|(_, p)| p));
+        let mut problems: Vec<String> =
+            futures::future::join_all(procs.iter().map(|p| p.shut_down()))
                 .await
-                .is_err()
-            {
-                problems.push(format!(
-                    "the init (pid {}) did not die within {}s of SIGKILL",
-                    c.pid,
-                    KILL_WAIT.as_secs()
-                ));
-            }
-        }
-        // Streams never connected will not be: let their pumps end; give connected ones a
-        // moment to flush, then stop them.
-        lock(&c.slots).clear();
-        lock(&c.start).take();
-        let mut exited = c.exited.clone();
-        let _ = tokio::time::timeout(DRAIN_WAIT, exited.wait_for(|v| v.is_some())).await;
-        for t in &c.tasks {
-            t.abort();
-        }
+                .into_iter()
+                .flatten()
+                .collect();
         let container = c.clone();
         let teardown = tokio::task::spawn_blocking(move || {
             // The file copies first: the rootfs teardown removes the container's directory.
@@ -678,7 +482,7 @@ impl Manager {
         }
     }
 
-    /// Hands a connected stdio stream to its container's pump.
+    /// Hands a connected stdio stream to its process's pump.
     pub fn attach_stdio(
         &self,
         id: &str,
@@ -686,19 +490,19 @@ impl Manager {
         stream: StdioStream,
         conn: StdioConn,
     ) -> anyhow::Result<()> {
-        if !exec_id.is_empty() {
-            anyhow::bail!("{id}/{exec_id}: exec processes are not supported yet");
-        }
-        let c = self.get(id).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        let Some(tx) = take_slot(&c, stream) else {
-            anyhow::bail!(
-                "container {id:?}: {} was not requested or is already connected",
-                stream.as_str()
-            );
-        };
-        tx.send(conn)
-            .map_err(|_| anyhow::anyhow!("container {id:?}: {} pump is gone", stream.as_str()))
+        let p = self
+            .get(id)
+            .and_then(|c| c.process(exec_id))
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        p.attach(stream, conn)
     }
+}
+
+/// A signal number SignalProcess accepts.
+fn valid_signal(signal: u32) -> Option<i32> {
+    i32::try_from(signal)
+        .ok()
+        .filter(|s| (1..=libc::SIGRTMAX()).contains(s))
 }
 
 #[cfg(test)]
@@ -723,21 +527,26 @@ mod tests {
             setup_error_code("mount proc: EPERM"),
             Code::FAILED_PRECONDITION
         );
-        assert_eq!(init_only("c", "e1").unwrap_err().code, Code::UNIMPLEMENTED);
-        assert!(init_only("c", "").is_ok());
+        // container-exec's own prefix is not a failed execve.
+        assert_eq!(
+            setup_error_code(
+                "container \"c\", exec process \"e\": chdir to process.cwd \"/x\": ENOENT: No such file or directory"
+            ),
+            Code::FAILED_PRECONDITION
+        );
+        assert_eq!(
+            setup_error_code(
+                "container \"c\", exec process \"e\": exec \"nope\": executable file not found in $PATH"
+            ),
+            Code::NOT_FOUND
+        );
     }
 
-    #[tokio::test]
-    async fn status_lines() {
-        let (r, w) = pipe_pair().unwrap();
-        let mut s = StatusPipe {
-            rx: pipe::Receiver::from_owned_fd(r).unwrap(),
-            buf: Vec::new(),
-        };
-        nix::unistd::write(&w, b"READY\nERROR boom").unwrap();
-        drop(w);
-        assert_eq!(s.next_line().await.unwrap().as_deref(), Some("READY"));
-        assert_eq!(s.next_line().await.unwrap().as_deref(), Some("ERROR boom"));
-        assert_eq!(s.next_line().await.unwrap(), None);
+    #[test]
+    fn signals() {
+        assert_eq!(valid_signal(9), Some(9));
+        assert_eq!(valid_signal(0), None);
+        assert_eq!(valid_signal(u32::MAX), None);
+        assert_eq!(valid_signal(1000), None);
     }
 }

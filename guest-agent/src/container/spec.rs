@@ -205,6 +205,28 @@ pub struct CapsPlan {
     pub ambient: Vec<u8>,
 }
 
+/// The process to run: what container-init and container-exec do once the namespaces are
+/// set up (the OCI `process` object, checked and decoded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessConfig {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub umask: u32,
+    pub rlimits: Vec<RlimitPlan>,
+    pub no_new_privileges: bool,
+    pub capabilities: Option<CapsPlan>,
+    pub oom_score_adj: Option<i32>,
+    /// fds 0-2 are a pseudo-terminal's slave: become a session leader with it as the
+    /// controlling terminal. From `process.terminal`; the agent overrides it with the request's
+    /// `terminal`, which decides how stdio is wired.
+    #[serde(default)]
+    pub terminal: bool,
+}
+
 /// Everything container-init needs, in the order it uses it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitConfig {
@@ -224,17 +246,16 @@ pub struct InitConfig {
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
     pub sysctl: Vec<(String, String)>,
-    pub args: Vec<String>,
-    pub env: Vec<String>,
-    pub cwd: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub additional_gids: Vec<u32>,
-    pub umask: u32,
-    pub rlimits: Vec<RlimitPlan>,
-    pub no_new_privileges: bool,
-    pub capabilities: Option<CapsPlan>,
-    pub oom_score_adj: Option<i32>,
+    pub process: ProcessConfig,
+}
+
+/// Everything container-exec needs: it joins the namespaces of the container's init (handed
+/// over as a pidfd) and runs `process` there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecConfig {
+    pub container_id: String,
+    pub exec_id: String,
+    pub process: ProcessConfig,
 }
 
 /// What the agent does with a spec: the init config plus the agent-side parts.
@@ -285,20 +306,7 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         .process
         .as_ref()
         .context("the spec has no \"process\"")?;
-    if process.terminal {
-        bail!("terminal (TTY) containers are not supported yet");
-    }
-    if process.args.is_empty() {
-        bail!("process.args is empty: nothing to run");
-    }
-    let cwd = if process.cwd.is_empty() {
-        "/".to_string()
-    } else {
-        process.cwd.clone()
-    };
-    if !cwd.starts_with('/') {
-        bail!("process.cwd {cwd:?} is not an absolute path");
-    }
+    let process = process_plan(process, &mut warnings)?;
     let empty_linux = Linux::default();
     let linux = spec.linux.as_ref().unwrap_or(&empty_linux);
     if !linux.uid_mappings.is_empty() {
@@ -379,6 +387,66 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         devices.push(device_plan(d)?);
     }
 
+    for key in linux.sysctl.keys() {
+        if key.is_empty() || key.split(['.', '/']).any(|c| c.is_empty() || c == "..") {
+            bail!("linux.sysctl: bad key {key:?}");
+        }
+    }
+
+    let cgroup_limits = match &linux.resources {
+        Some(r) => cgroup::limits(r).context("linux.resources")?,
+        None => Vec::new(),
+    };
+
+    let init = InitConfig {
+        container_id: container_id.to_string(),
+        rootfs: ctx.rootfs.to_string(),
+        readonly_root: ctx.rootfs_ro || spec.root.as_ref().is_some_and(|r| r.readonly),
+        new_cgroup_ns,
+        new_net_ns,
+        hostname: spec.hostname.clone().filter(|h| !h.is_empty()),
+        domainname: spec.domainname.clone().filter(|h| !h.is_empty()),
+        mounts,
+        populate_dev,
+        devices,
+        masked_paths: linux.masked_paths.clone(),
+        readonly_paths: linux.readonly_paths.clone(),
+        sysctl: linux
+            .sysctl
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        process,
+    };
+    Ok(ContainerPlan {
+        init,
+        cgroup_limits,
+        warnings,
+    })
+}
+
+/// Parses an OCI `process` object (ExecProcessRequest.process) and decodes it; warnings (unknown
+/// capabilities) go to `warnings`.
+pub fn parse_process(json: &[u8], warnings: &mut Vec<String>) -> Result<ProcessConfig> {
+    let process: Process =
+        serde_json::from_slice(json).context("parsing the OCI process (JSON)")?;
+    process_plan(&process, warnings)
+}
+
+/// Checks and decodes a spec's `process`: the part of the init config that concerns the
+/// process, shared by the init and exec processes.
+pub fn process_plan(process: &Process, warnings: &mut Vec<String>) -> Result<ProcessConfig> {
+    if process.args.is_empty() {
+        bail!("process.args is empty: nothing to run");
+    }
+    let cwd = if process.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        process.cwd.clone()
+    };
+    if !cwd.starts_with('/') {
+        bail!("process.cwd {cwd:?} is not an absolute path");
+    }
     let mut rlimits = Vec::new();
     for r in &process.rlimits {
         let resource =
@@ -420,35 +488,7 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         }
     });
 
-    for key in linux.sysctl.keys() {
-        if key.is_empty() || key.split(['.', '/']).any(|c| c.is_empty() || c == "..") {
-            bail!("linux.sysctl: bad key {key:?}");
-        }
-    }
-
-    let cgroup_limits = match &linux.resources {
-        Some(r) => cgroup::limits(r).context("linux.resources")?,
-        None => Vec::new(),
-    };
-
-    let init = InitConfig {
-        container_id: container_id.to_string(),
-        rootfs: ctx.rootfs.to_string(),
-        readonly_root: ctx.rootfs_ro || spec.root.as_ref().is_some_and(|r| r.readonly),
-        new_cgroup_ns,
-        new_net_ns,
-        hostname: spec.hostname.clone().filter(|h| !h.is_empty()),
-        domainname: spec.domainname.clone().filter(|h| !h.is_empty()),
-        mounts,
-        populate_dev,
-        devices,
-        masked_paths: linux.masked_paths.clone(),
-        readonly_paths: linux.readonly_paths.clone(),
-        sysctl: linux
-            .sysctl
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+    Ok(ProcessConfig {
         args: process.args.clone(),
         env: process.env.clone(),
         cwd,
@@ -460,11 +500,7 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         no_new_privileges: process.no_new_privileges,
         capabilities,
         oom_score_adj: process.oom_score_adj,
-    };
-    Ok(ContainerPlan {
-        init,
-        cgroup_limits,
-        warnings,
+        terminal: process.terminal,
     })
 }
 
@@ -696,28 +732,32 @@ mod tests {
         let spec = parse_spec(SPEC.as_bytes()).unwrap();
         let plan = plan("c1", &spec, &ctx("/run/c1/rootfs", false)).unwrap();
         let i = &plan.init;
-        assert_eq!(i.args, vec!["sh", "-c", "id"]);
-        assert_eq!(i.cwd, "/tmp");
+        assert_eq!(i.process.args, vec!["sh", "-c", "id"]);
+        assert_eq!(i.process.cwd, "/tmp");
         assert_eq!(
-            (i.uid, i.gid, i.additional_gids.clone()),
+            (
+                i.process.uid,
+                i.process.gid,
+                i.process.additional_gids.clone()
+            ),
             (65534, 65534, vec![1234])
         );
-        assert_eq!(i.umask, 0o022);
+        assert_eq!(i.process.umask, 0o022);
         assert!(i.readonly_root, "root.readonly");
-        assert!(i.no_new_privileges);
+        assert!(i.process.no_new_privileges);
         assert_eq!(i.hostname.as_deref(), Some("box"));
         assert!(i.new_cgroup_ns);
         assert!(!i.new_net_ns, "a host netns path shares the guest's");
         assert!(i.populate_dev);
         assert_eq!(
-            i.rlimits,
+            i.process.rlimits,
             vec![RlimitPlan {
                 resource: libc::RLIMIT_NOFILE,
                 soft: 512,
                 hard: 1024
             }]
         );
-        let caps = i.capabilities.as_ref().unwrap();
+        let caps = i.process.capabilities.as_ref().unwrap();
         assert_eq!(caps.bounding, vec![0, 5]);
         assert_eq!(caps.effective, vec![5]);
         assert!(caps.ambient.is_empty());
@@ -772,13 +812,13 @@ mod tests {
     fn minimal_spec_defaults() {
         let spec = parse_spec(br#"{"process": {"args": ["true"]}}"#).unwrap();
         let plan = plan("c", &spec, &ctx("/r", true)).unwrap();
-        assert_eq!(plan.init.cwd, "/");
-        assert_eq!((plan.init.uid, plan.init.gid), (0, 0));
+        assert_eq!(plan.init.process.cwd, "/");
+        assert_eq!((plan.init.process.uid, plan.init.process.gid), (0, 0));
         assert!(
             plan.init.readonly_root,
             "the host asked for a read-only root"
         );
-        assert!(plan.init.capabilities.is_none());
+        assert!(plan.init.process.capabilities.is_none());
         assert!(!plan.init.populate_dev);
         assert!(plan.cgroup_limits.is_empty());
     }
@@ -791,7 +831,6 @@ mod tests {
         };
         assert!(bad(r#"{}"#).contains("process"));
         assert!(bad(r#"{"process": {"args": []}}"#).contains("args"));
-        assert!(bad(r#"{"process": {"args": ["x"], "terminal": true}}"#).contains("TTY"));
         assert!(bad(r#"{"process": {"args": ["x"], "cwd": "rel"}}"#).contains("cwd"));
         assert!(
             bad(r#"{"process": {"args": ["x"], "rlimits": [{"type": "RLIMIT_BOGUS"}]}}"#)
@@ -908,6 +947,75 @@ mod tests {
         assert_eq!(sources, vec!["/g/0", "/g/1"], "first match wins");
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
         assert_eq!(copy_for(&copies, "/var/lib/x/nope"), None);
+    }
+
+    #[test]
+    fn exec_process_parsing() {
+        let mut warnings = Vec::new();
+        let p = parse_process(
+            br#"{"terminal": true, "user": {"uid": 1000, "gid": 100, "umask": 63,
+                 "additionalGids": [10, 20]},
+                 "args": ["sh", "-c", "echo hi"], "env": ["A=b"], "cwd": "/work",
+                 "capabilities": {"bounding": ["CAP_KILL", "CAP_BOGUS"], "effective": ["CAP_KILL"]},
+                 "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 64, "soft": 32}],
+                 "noNewPrivileges": true, "apparmorProfile": "ignored"}"#,
+            &mut warnings,
+        )
+        .unwrap();
+        assert_eq!(p.args, vec!["sh", "-c", "echo hi"]);
+        assert_eq!(p.env, vec!["A=b"]);
+        assert_eq!(p.cwd, "/work");
+        assert_eq!(
+            (p.uid, p.gid, p.additional_gids.clone()),
+            (1000, 100, vec![10, 20])
+        );
+        assert_eq!(p.umask, 0o77);
+        assert!(p.terminal);
+        assert!(p.no_new_privileges);
+        assert_eq!(
+            p.rlimits,
+            vec![RlimitPlan {
+                resource: libc::RLIMIT_NOFILE,
+                soft: 32,
+                hard: 64
+            }]
+        );
+        let caps = p.capabilities.as_ref().unwrap();
+        assert_eq!(
+            (caps.bounding.clone(), caps.effective.clone()),
+            (vec![5], vec![5])
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains("CAP_BOGUS")),
+            "{warnings:?}"
+        );
+        // It survives the trip to container-exec.
+        let cfg = ExecConfig {
+            container_id: "c".into(),
+            exec_id: "e".into(),
+            process: p,
+        };
+        let json = serde_json::to_vec(&cfg).unwrap();
+        assert_eq!(serde_json::from_slice::<ExecConfig>(&json).unwrap(), cfg);
+
+        let p = parse_process(br#"{"args": ["true"]}"#, &mut warnings).unwrap();
+        assert_eq!((p.cwd.as_str(), p.uid, p.umask), ("/", 0, 0o022));
+        assert!(!p.terminal && p.capabilities.is_none());
+
+        let bad = |json: &str| {
+            format!(
+                "{:#}",
+                parse_process(json.as_bytes(), &mut Vec::new()).unwrap_err()
+            )
+        };
+        assert!(bad(r#"{"args": []}"#).contains("process.args"));
+        assert!(bad(r#"{}"#).contains("process.args"));
+        assert!(bad(r#"{"args": ["x"], "cwd": "tmp"}"#).contains("process.cwd"));
+        assert!(bad(
+            r#"{"args": ["x"], "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]}"#
+        )
+        .contains("soft limit"));
+        assert!(bad("[1]").contains("parsing the OCI process"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! `STDIO <container> <exec|-> <stdin|stdout|stderr>\n`, and the connection then carries that
 //! stream's raw bytes. Output is pumped pipe -> vsock and ends with shutdown(SHUT_WR) when the
 //! pipe reaches EOF; input vsock -> pipe, and the pipe is closed on EOF from the host or on
-//! CloseStdin.
+//! CloseStdin. For a terminal process the "pipe" is the pty master (see [`super::pty`]): its
+//! shutdown writes the terminal's EOF character.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,6 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use spinbox_agent_api::{parse_stdio_header, StdioStream};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::unix::pipe;
 use tokio::sync::{oneshot, Notify};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 
@@ -85,8 +85,8 @@ pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<String> {
 
 /// Pipe -> stream until the pipe's EOF (every writer closed), then shutdown(SHUT_WR). Waits
 /// for the stream first: until the host connects, output stays in the pipe.
-pub async fn pump_output<S: AsyncWrite + Unpin>(
-    mut pipe: pipe::Receiver,
+pub async fn pump_output<R: AsyncRead + Unpin, S: AsyncWrite + Unpin>(
+    mut pipe: R,
     stream: oneshot::Receiver<S>,
     what: &str,
 ) {
@@ -105,9 +105,23 @@ pub async fn pump_output<S: AsyncWrite + Unpin>(
 }
 
 /// Stream -> pipe until the host's EOF, or until `close` is notified (CloseStdin) and the
-/// stream then stays idle for a moment; then the pipe is closed, which is the process's EOF.
-pub async fn pump_input<S: AsyncRead + Unpin>(
-    mut pipe: pipe::Sender,
+/// stream then stays idle for a moment; then the pipe is shut down and closed, which is the
+/// process's EOF.
+pub async fn pump_input<S: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut pipe: W,
+    stream: oneshot::Receiver<S>,
+    close: Arc<Notify>,
+    what: &str,
+) {
+    copy_input(&mut pipe, stream, close, what).await;
+    if let Err(e) = pipe.shutdown().await {
+        debug!("{what}: shutdown: {e}");
+    }
+    debug!("{what}: closed");
+}
+
+async fn copy_input<S: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    pipe: &mut W,
     stream: oneshot::Receiver<S>,
     close: Arc<Notify>,
     what: &str,
@@ -150,17 +164,17 @@ pub async fn pump_input<S: AsyncRead + Unpin>(
             }
         }
     }
-    debug!("{what}: closed");
 }
 
-/// The label for logs: `c1 stdout`.
-pub fn label(container: &str, stream: StdioStream) -> String {
-    format!("{container} {}", stream.as_str())
+/// The label for logs: `c1 stdout`, `c1 e1 stdin`.
+pub fn label(process: &str, stream: StdioStream) -> String {
+    format!("{process} {}", stream.as_str())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::unix::pipe;
 
     #[tokio::test]
     async fn header_is_read_without_overreading() {
