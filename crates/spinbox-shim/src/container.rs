@@ -11,6 +11,7 @@
 //! Ownership: the exit watcher task owns the wait on the guest process and is the only writer
 //! of the exit state; RPC handlers read it through a watch channel.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -28,10 +29,12 @@ use spinbox_config::Config;
 use spinbox_storage::{LayerCache, MountSpec, PrepareOptions, PreparedRootfs};
 use spinbox_vmm::accel::HostCaps;
 use spinbox_vmm::state::StateDir;
+use spinbox_vmm::vsock::VsockTransport;
 use spinbox_vmm::{DiskAttach, NicAttach, Vm, VmError, VmOptions};
 use tokio::sync::watch;
 
 use crate::cleanup::{Cleanup, CleanupReport, Phase};
+use crate::exec::Exec;
 use crate::lifecycle::LifecycleError;
 use crate::stdio::{self, StdioPaths, StdioPumps};
 
@@ -80,8 +83,6 @@ pub enum ContainerError {
     InvalidId { id: String, reason: String },
     #[error("bundle {path}: {reason}")]
     Bundle { path: PathBuf, reason: String },
-    #[error("{0}")]
-    Unsupported(String),
     #[error("state directory {path}: {source}")]
     State {
         path: PathBuf,
@@ -106,6 +107,12 @@ pub enum ContainerError {
     Lifecycle { id: String, error: LifecycleError },
     #[error("container {0}: process already started")]
     AlreadyStarted(String),
+    #[error("exec {0:?} already exists")]
+    ExecExists(String),
+    #[error("exec {0:?} not found")]
+    ExecNotFound(String),
+    #[error("{0}")]
+    InvalidRequest(String),
 }
 
 impl ContainerError {
@@ -117,7 +124,6 @@ impl ContainerError {
             ContainerError::InvalidId { .. } | ContainerError::Bundle { .. } => {
                 Code::INVALID_ARGUMENT
             }
-            ContainerError::Unsupported(_) => Code::UNIMPLEMENTED,
             ContainerError::State { source, .. }
                 if source.kind() == std::io::ErrorKind::AlreadyExists =>
             {
@@ -141,6 +147,9 @@ impl ContainerError {
             ContainerError::Agent { code, .. } => *code,
             ContainerError::Lifecycle { error, .. } => error.code(),
             ContainerError::AlreadyStarted(_) => Code::FAILED_PRECONDITION,
+            ContainerError::ExecExists(_) => Code::ALREADY_EXISTS,
+            ContainerError::ExecNotFound(_) => Code::NOT_FOUND,
+            ContainerError::InvalidRequest(_) => Code::INVALID_ARGUMENT,
         }
     }
 }
@@ -152,7 +161,7 @@ fn failed(phase: CreatePhase, e: impl Into<ContainerError>) -> ContainerError {
     }
 }
 
-fn agent_err(rpc: &'static str, e: ttrpc::Error) -> ContainerError {
+pub(crate) fn agent_err(rpc: &'static str, e: ttrpc::Error) -> ContainerError {
     match e {
         ttrpc::Error::RpcStatus(s) => ContainerError::Agent {
             rpc,
@@ -197,6 +206,12 @@ pub struct Container {
     pub stdio: StdioPaths,
     pub pid: u32,
     agent: AgentClient,
+    transport: VsockTransport,
+    namespace: String,
+    execs: tokio::sync::Mutex<HashMap<String, Arc<Exec>>>,
+    paused: AtomicBool,
+    /// The task forwarding the guest's OOM events.
+    oom_watch: Mutex<Option<tokio::task::AbortHandle>>,
     vm: tokio::sync::Mutex<Option<Vm>>,
     vm_exit: watch::Receiver<Option<ExitStatus>>,
     pumps: Arc<tokio::sync::Mutex<StdioPumps>>,
@@ -212,7 +227,7 @@ pub struct Container {
     config: Config,
 }
 
-fn ctx(limit: Duration) -> ttrpc::context::Context {
+pub(crate) fn ctx(limit: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(i64::try_from(limit.as_nanos()).unwrap_or(i64::MAX))
 }
 
@@ -268,14 +283,6 @@ impl Container {
                 },
             )
         })?;
-        if opts.stdio.terminal {
-            return Err(failed(
-                P::Validate,
-                ContainerError::Unsupported(
-                    "terminal (TTY) containers are not supported yet".into(),
-                ),
-            ));
-        }
         let bundle = load_bundle(&opts).await.map_err(|e| failed(P::Bundle, e))?;
 
         // The record first: everything after it is written there before it exists.
@@ -484,6 +491,11 @@ impl Container {
             stdio: opts.stdio,
             pid: created.pid,
             agent,
+            transport,
+            namespace: opts.namespace,
+            execs: tokio::sync::Mutex::new(HashMap::new()),
+            paused: AtomicBool::new(false),
+            oom_watch: Mutex::new(None),
             vm: tokio::sync::Mutex::new(acquired.vm.take()),
             vm_exit,
             pumps: Arc::new(tokio::sync::Mutex::new(pumps)),
@@ -677,6 +689,190 @@ impl Container {
             .map_err(|e| agent_err("CloseStdin", e))
     }
 
+    fn running_vm(&self) -> Result<(), ContainerError> {
+        if self.vm_exit.borrow().is_some() || self.tearing_down.load(Ordering::Acquire) {
+            return Err(self.not_running());
+        }
+        Ok(())
+    }
+
+    /// `ctr task exec`: a new process in the container's namespaces, created stopped.
+    pub async fn exec(
+        &self,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        stdio: StdioPaths,
+    ) -> Result<Arc<Exec>, ContainerError> {
+        self.running_vm()?;
+        if exec_id.is_empty() {
+            return Err(ContainerError::InvalidRequest(
+                "exec: an exec id is required".into(),
+            ));
+        }
+        if self.status() != Status::Running {
+            return Err(ContainerError::InvalidRequest(format!(
+                "exec {exec_id:?}: container {} is not running",
+                self.id
+            )));
+        }
+        let mut execs = self.execs.lock().await;
+        if execs.contains_key(exec_id) {
+            return Err(ContainerError::ExecExists(exec_id.to_owned()));
+        }
+        let t = &self.config.timeouts;
+        let exec = Exec::create(
+            self.agent.clone(),
+            &self.transport,
+            &self.id,
+            exec_id,
+            process_json,
+            stdio,
+            &self.namespace,
+            (t.vm_start, t.device_detection, t.io_wait),
+        )
+        .await?;
+        let exec = Arc::new(exec);
+        execs.insert(exec_id.to_owned(), Arc::clone(&exec));
+        Ok(exec)
+    }
+
+    pub async fn get_exec(&self, exec_id: &str) -> Result<Arc<Exec>, ContainerError> {
+        self.execs
+            .lock()
+            .await
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| ContainerError::ExecNotFound(exec_id.to_owned()))
+    }
+
+    /// Delete of an exec: refused while it runs; otherwise the guest forgets it.
+    pub async fn remove_exec(&self, exec_id: &str) -> Result<Arc<Exec>, ContainerError> {
+        let exec = self.get_exec(exec_id).await?;
+        if exec.status().0 == Status::Running {
+            return Err(ContainerError::InvalidRequest(format!(
+                "exec {exec_id:?} is running; kill it first"
+            )));
+        }
+        if self.vm_exit.borrow().is_none() {
+            exec.remove().await?;
+        } else {
+            exec.abort().await;
+        }
+        self.execs.lock().await.remove(exec_id);
+        Ok(exec)
+    }
+
+    /// `ctr task metrics`: the guest's cgroup v2 figures for the container.
+    pub async fn stats(&self) -> Result<HashMap<String, String>, ContainerError> {
+        self.running_vm()?;
+        self.agent
+            .stats_container(ctx(self.config.timeouts.qmp_command), &process(&self.id))
+            .await
+            .map(|r| r.files)
+            .map_err(|e| agent_err("StatsContainer", e))
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Freezes every process of the container (cgroup freezer in the guest).
+    pub async fn pause(&self) -> Result<(), ContainerError> {
+        self.running_vm()?;
+        self.agent
+            .pause_container(
+                ctx(self.config.timeouts.qmp_command * 2),
+                &process(&self.id),
+            )
+            .await
+            .map_err(|e| agent_err("PauseContainer", e))?;
+        self.paused.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub async fn resume(&self) -> Result<(), ContainerError> {
+        self.running_vm()?;
+        self.agent
+            .resume_container(
+                ctx(self.config.timeouts.qmp_command * 2),
+                &process(&self.id),
+            )
+            .await
+            .map_err(|e| agent_err("ResumeContainer", e))?;
+        self.paused.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// New cgroup limits (OCI linux.resources as JSON), applied in the guest.
+    pub async fn update(&self, resources_json: Vec<u8>) -> Result<(), ContainerError> {
+        self.running_vm()?;
+        let req = spinbox_agent_api::agent::UpdateContainerRequest {
+            container_id: self.id.clone(),
+            resources: resources_json,
+            ..Default::default()
+        };
+        self.agent
+            .update_container(ctx(self.config.timeouts.qmp_command), &req)
+            .await
+            .map(|_| ())
+            .map_err(|e| agent_err("UpdateContainer", e))
+    }
+
+    /// Window size of the init's terminal.
+    pub async fn resize_pty(&self, width: u32, height: u32) -> Result<(), ContainerError> {
+        self.running_vm()?;
+        let req = spinbox_agent_api::agent::ResizePtyRequest {
+            container_id: self.id.clone(),
+            width,
+            height,
+            ..Default::default()
+        };
+        self.agent
+            .resize_pty(ctx(self.config.timeouts.qmp_command), &req)
+            .await
+            .map(|_| ())
+            .map_err(|e| agent_err("ResizePty", e))
+    }
+
+    /// Forwards the guest's OOM events (a long poll on the agent) to `on_oom` until the VM or
+    /// the container goes. An agent without OOM events ends the watch at once.
+    pub fn watch_oom<F>(self: &Arc<Self>, on_oom: F)
+    where
+        F: Fn() + Send + 'static,
+    {
+        let me = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            loop {
+                let r = me
+                    .agent
+                    .get_oom_event(
+                        ttrpc::context::Context::default(),
+                        &spinbox_agent_api::agent::Empty::default(),
+                    )
+                    .await;
+                match r {
+                    Ok(ev) if ev.container_id == me.id => on_oom(),
+                    Ok(ev) => {
+                        tracing::warn!(id = %me.id, other = %ev.container_id, "OOM event for another container")
+                    }
+                    Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::UNIMPLEMENTED => {
+                        tracing::warn!(id = %me.id, "the agent has no OOM events");
+                        return;
+                    }
+                    Err(e) => {
+                        if me.vm_exit.borrow().is_some() || me.tearing_down.load(Ordering::Acquire)
+                        {
+                            return;
+                        }
+                        tracing::warn!(id = %me.id, error = %e, "GetOomEvent failed; retrying");
+                        tokio::time::sleep(me.config.timeouts.event_reconnect).await;
+                    }
+                }
+            }
+        });
+        *self.oom_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+    }
+
     /// Tears the container down through the cleanup phases (hotplug → io → connections → vm
     /// → network → mounts; the event channel belongs to the shim and closes when it exits).
     /// Runs once: a second or concurrent call waits for the first and gets its report.
@@ -691,6 +887,9 @@ impl Container {
         // Nothing is hotplugged into a spinbox VM after boot (yet): nothing to stop.
         c.phase(Phase::Hotplug, async { Vec::new() }).await;
         c.phase(Phase::Io, async {
+            for exec in self.execs.lock().await.values() {
+                exec.abort().await;
+            }
             let mut pumps = self.pumps.lock().await;
             pumps.close_stdin();
             let limit = if vm_alive {
@@ -710,6 +909,14 @@ impl Container {
         .await;
         c.phase(Phase::Connections, async {
             let mut errors = Vec::new();
+            if let Some(t) = self
+                .oom_watch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                t.abort();
+            }
             if vm_alive {
                 if let Err(e) = self
                     .agent
@@ -868,11 +1075,6 @@ async fn load_bundle(opts: &CreateOpts) -> Result<Bundle, ContainerError> {
             reason: format!("not valid JSON: {e}"),
         })?;
     let read_only = parsed["root"]["readonly"].as_bool().unwrap_or(false);
-    if parsed["process"]["terminal"].as_bool().unwrap_or(false) {
-        return Err(ContainerError::Unsupported(
-            "process.terminal: TTY containers are not supported yet".into(),
-        ));
-    }
     let source = if opts.rootfs.is_empty() {
         // No snapshot mounts (`ctr run --config`, a pre-made bundle): the spec's root.path,
         // relative to the bundle, is the rootfs directory.

@@ -9,7 +9,9 @@
 mod cleanup;
 mod container;
 mod events;
+mod exec;
 mod lifecycle;
+mod metrics;
 mod service;
 mod stdio;
 

@@ -10,10 +10,15 @@ use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim_protos::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
-    DeleteRequest, DeleteResponse, Empty, KillRequest, PidsRequest, PidsResponse, ShutdownRequest,
-    StartRequest, StartResponse, StateRequest, StateResponse, WaitRequest, WaitResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
+    PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
+    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest,
+    WaitRequest, WaitResponse,
 };
-use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
@@ -30,6 +35,7 @@ use crate::cleanup::{Cleanup, Phase};
 use crate::container::{Container, ContainerError, CreateOpts, ExitInfo, Status};
 use crate::events::{self, Events};
 use crate::lifecycle::{Lifecycle, LifecycleError, State};
+use crate::metrics;
 use crate::stdio::StdioPaths;
 
 /// The task service; the state it shares with the tasks it spawns (exit watchers, the VM
@@ -150,13 +156,7 @@ impl TaskService {
         Arc::clone(&self.shared)
     }
 
-    async fn get(&self, id: &str, exec_id: &str) -> ttrpc::Result<Arc<Container>> {
-        if !exec_id.is_empty() {
-            return Err(status(
-                Code::UNIMPLEMENTED,
-                format!("exec processes are not supported yet (exec id {exec_id:?})"),
-            ));
-        }
+    async fn get(&self, id: &str) -> ttrpc::Result<Arc<Container>> {
         self.shared
             .containers
             .lock()
@@ -264,6 +264,17 @@ impl Task for TaskService {
             .lock()
             .await
             .insert(id.clone(), Arc::clone(&container));
+        // OOM kills in the guest become TaskOOM.
+        let oom_events = Arc::clone(sh);
+        let oom_id = id.clone();
+        container.watch_oom(move || {
+            tracing::warn!(id = %oom_id, "OOM kill in the container");
+            let mut ev = TaskOOM::new();
+            ev.container_id = oom_id.clone();
+            oom_events
+                .events
+                .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
+        });
         // VM death, whenever it comes, ends in TaskExit and a cleanup.
         let monitor = Arc::clone(sh);
         tokio::spawn(async move {
@@ -289,7 +300,34 @@ impl Task for TaskService {
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
-        let c = self.get(&req.id, &req.exec_id).await?;
+        let c = self.get(&req.id).await?;
+        if !req.exec_id.is_empty() {
+            let exec = c.get_exec(&req.exec_id).await.map_err(to_ttrpc)?;
+            let shared = Arc::clone(&self.shared);
+            let (id, exec_id) = (c.id.clone(), req.exec_id.clone());
+            let on_exit = move |pid: u32, info: ExitInfo| {
+                let mut ev = TaskExit::new();
+                ev.container_id = id;
+                ev.id = exec_id;
+                ev.pid = pid;
+                ev.exit_status = info.status;
+                ev.exited_at = timestamp(info.at);
+                shared
+                    .events
+                    .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+            };
+            let pid = exec.start(on_exit).await.map_err(to_ttrpc)?;
+            let mut ev = TaskExecStarted::new();
+            ev.container_id = c.id.clone();
+            ev.exec_id = req.exec_id.clone();
+            ev.pid = pid;
+            self.shared
+                .events
+                .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev));
+            let mut resp = StartResponse::new();
+            resp.pid = pid;
+            return Ok(resp);
+        }
         let shared = Arc::clone(&self.shared);
         let id = c.id.clone();
         let pid = c.pid;
@@ -317,17 +355,31 @@ impl Task for TaskService {
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
-        let c = self.get(&req.id, &req.exec_id).await?;
+        let c = self.get(&req.id).await?;
+        if !req.exec_id.is_empty() {
+            let exec = c.get_exec(&req.exec_id).await.map_err(to_ttrpc)?;
+            let (st, pid) = exec.status();
+            let mut resp = StateResponse::new();
+            resp.id = req.exec_id.clone();
+            resp.bundle = c.bundle.display().to_string();
+            resp.pid = pid;
+            resp.status = task_status(st, false).into();
+            resp.stdin = exec.stdio.stdin.clone();
+            resp.stdout = exec.stdio.stdout.clone();
+            resp.stderr = exec.stdio.stderr.clone();
+            resp.terminal = exec.stdio.terminal;
+            resp.exec_id = req.exec_id.clone();
+            if let Some(info) = exec.exit_info() {
+                resp.exit_status = info.status;
+                resp.exited_at = timestamp(info.at);
+            }
+            return Ok(resp);
+        }
         let mut resp = StateResponse::new();
         resp.id = c.id.clone();
         resp.bundle = c.bundle.display().to_string();
         resp.pid = c.pid;
-        resp.status = match c.status() {
-            Status::Created => TaskStatus::CREATED,
-            Status::Running => TaskStatus::RUNNING,
-            Status::Stopped => TaskStatus::STOPPED,
-        }
-        .into();
+        resp.status = task_status(c.status(), c.is_paused()).into();
         resp.stdin = c.stdio.stdin.clone();
         resp.stdout = c.stdio.stdout.clone();
         resp.stderr = c.stdio.stderr.clone();
@@ -340,7 +392,7 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
-        let c = self.get(&req.id, "").await?;
+        let c = self.get(&req.id).await?;
         let pids = c.pids().await.map_err(to_ttrpc)?;
         let mut resp = PidsResponse::new();
         resp.processes = pids
@@ -355,15 +407,28 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
-        let c = self.get(&req.id, &req.exec_id).await?;
-        tracing::info!(id = %req.id, signal = req.signal, all = req.all, "kill");
+        let c = self.get(&req.id).await?;
+        tracing::info!(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all, "kill");
+        if !req.exec_id.is_empty() {
+            let exec = c.get_exec(&req.exec_id).await.map_err(to_ttrpc)?;
+            exec.kill(req.signal).await.map_err(to_ttrpc)?;
+            return Ok(Empty::new());
+        }
         c.kill(req.signal, req.all).await.map_err(to_ttrpc)?;
         Ok(Empty::new())
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
-        let c = self.get(&req.id, &req.exec_id).await?;
-        let info = c.wait().await;
+        let c = self.get(&req.id).await?;
+        let info = if req.exec_id.is_empty() {
+            c.wait().await
+        } else {
+            c.get_exec(&req.exec_id)
+                .await
+                .map_err(to_ttrpc)?
+                .wait()
+                .await
+        };
         let mut resp = WaitResponse::new();
         resp.exit_status = info.status;
         resp.exited_at = timestamp(info.at);
@@ -375,8 +440,22 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: DeleteRequest,
     ) -> ttrpc::Result<DeleteResponse> {
-        let c = self.get(&req.id, &req.exec_id).await?;
+        let c = self.get(&req.id).await?;
         let sh = &self.shared;
+        if !req.exec_id.is_empty() {
+            // An exec's delete: the guest forgets it; no TaskDelete (as with runc's shim).
+            let exec = c.remove_exec(&req.exec_id).await.map_err(to_ttrpc)?;
+            let (_, pid) = exec.status();
+            let info = exec.exit_info().unwrap_or(ExitInfo {
+                status: 0,
+                at: SystemTime::now(),
+            });
+            let mut resp = DeleteResponse::new();
+            resp.pid = pid;
+            resp.exit_status = info.status;
+            resp.exited_at = timestamp(info.at);
+            return Ok(resp);
+        }
         if c.status() == Status::Running {
             return Err(status(
                 Code::FAILED_PRECONDITION,
@@ -427,10 +506,96 @@ impl Task for TaskService {
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
-        let c = self.get(&req.id, &req.exec_id).await?;
+        let c = self.get(&req.id).await?;
         if req.stdin {
-            c.close_stdin().await.map_err(to_ttrpc)?;
+            if req.exec_id.is_empty() {
+                c.close_stdin().await.map_err(to_ttrpc)?;
+            } else {
+                let exec = c.get_exec(&req.exec_id).await.map_err(to_ttrpc)?;
+                exec.close_stdin().await.map_err(to_ttrpc)?;
+            }
         }
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let c = self.get(&req.id).await?;
+        let spec = req.spec.as_ref().ok_or_else(|| {
+            status(
+                Code::INVALID_ARGUMENT,
+                format!("exec {:?}: no process spec", req.exec_id),
+            )
+        })?;
+        tracing::info!(id = %req.id, exec = %req.exec_id, "exec");
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        c.exec(&req.exec_id, spec.value.clone(), stdio)
+            .await
+            .map_err(to_ttrpc)?;
+        let mut ev = TaskExecAdded::new();
+        ev.container_id = c.id.clone();
+        ev.exec_id = req.exec_id.clone();
+        self.shared
+            .events
+            .publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev));
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let c = self.get(&req.id).await?;
+        if req.exec_id.is_empty() {
+            c.resize_pty(req.width, req.height).await
+        } else {
+            let exec = c.get_exec(&req.exec_id).await.map_err(to_ttrpc)?;
+            exec.resize(req.width, req.height).await
+        }
+        .map_err(to_ttrpc)?;
+        Ok(Empty::new())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let c = self.get(&req.id).await?;
+        let files = c.stats().await.map_err(to_ttrpc)?;
+        let any = metrics::to_any(&metrics::from_files(&files))
+            .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
+        let mut resp = StatsResponse::new();
+        resp.stats = MessageField::some(any);
+        Ok(resp)
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
+        let c = self.get(&req.id).await?;
+        c.pause().await.map_err(to_ttrpc)?;
+        let mut ev = TaskPaused::new();
+        ev.container_id = c.id.clone();
+        self.shared
+            .events
+            .publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev));
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
+        let c = self.get(&req.id).await?;
+        c.resume().await.map_err(to_ttrpc)?;
+        let mut ev = TaskResumed::new();
+        ev.container_id = c.id.clone();
+        self.shared
+            .events
+            .publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev));
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let c = self.get(&req.id).await?;
+        let resources = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "update: no resources given"))?;
+        c.update(resources.value.clone()).await.map_err(to_ttrpc)?;
         Ok(Empty::new())
     }
 
@@ -442,7 +607,7 @@ impl Task for TaskService {
         let mut resp = ConnectResponse::new();
         resp.shim_pid = std::process::id();
         resp.version = env!("CARGO_PKG_VERSION").to_owned();
-        if let Ok(c) = self.get(&req.id, "").await {
+        if let Ok(c) = self.get(&req.id).await {
             resp.task_pid = c.pid;
         }
         Ok(resp)
@@ -459,6 +624,15 @@ impl Task for TaskService {
         // The reply goes out first; the events phase and the exit follow.
         tokio::spawn(async move { shared.shutdown_all("Shutdown RPC").await });
         Ok(Empty::new())
+    }
+}
+
+fn task_status(s: Status, paused: bool) -> TaskStatus {
+    match s {
+        Status::Created => TaskStatus::CREATED,
+        Status::Running if paused => TaskStatus::PAUSED,
+        Status::Running => TaskStatus::RUNNING,
+        Status::Stopped => TaskStatus::STOPPED,
     }
 }
 
