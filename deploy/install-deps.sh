@@ -12,6 +12,7 @@ packages=(
   erofs-utils e2fsprogs
   busybox-static cpio xz-utils kmod zstd   # guest image assembly, test images
   procps psmisc util-linux
+  tmux                 # the TTY end-to-end test drives `ctr run -t` in a real terminal
   ca-certificates
 )
 

@@ -127,8 +127,6 @@ impl Ctr {
         }
     }
 
-    /// Asserts nothing of spinbox's is left: no QEMU / helper / shim process, no VM state,
-    /// no container data, no console log, no container or task known to containerd.
     /// Waits (up to 20 s) until no shim process of `id` runs for this containerd — after a
     /// shim died, containerd's cleanup (`shim delete`) releases the VM and network first.
     pub async fn wait_no_shim(&self, id: &str) {
@@ -146,6 +144,8 @@ impl Ctr {
         }
     }
 
+    /// Asserts nothing of spinbox's is left: no QEMU / helper / shim process, no VM state,
+    /// no container data, no console log, no container or task known to containerd.
     pub fn assert_clean(&self) {
         let root = self.spinbox_root.display().to_string();
         let procs = crate::processes_mentioning(&root);

@@ -1,0 +1,543 @@
+//! Interactive and operational task calls through containerd: exec (output, status, missing
+//! binary, stdin, concurrency, kill of one exec, events), metrics, OOM events, pause/resume,
+//! and Update (over the shim's own task API, as CRI's UpdateContainerResources reaches it).
+//! Each test ends with the shared leak check.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spinbox_tests::ctr::{Ctr, IMAGE, RUNTIME};
+use spinbox_tests::VM_TESTS;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `ctr events` in the background, its lines collected.
+struct EventLog {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl EventLog {
+    fn start(ctr: &Ctr) -> EventLog {
+        let mut child = ctr
+            .cmd()
+            .arg("events")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ctr events");
+        let out = child.stdout.take().expect("events stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        EventLog { child, lines }
+    }
+
+    fn matching(&self, topic: &str, needle: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(topic) && l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    async fn wait_for(&self, topic: &str, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if !self.matching(topic, needle).is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A detached container, killed and removed at the end (also when the test fails).
+struct Detached<'a> {
+    ctr: &'a Ctr,
+    id: String,
+}
+
+impl<'a> Detached<'a> {
+    async fn run(ctr: &'a Ctr, id: &str, extra: &[&str], cmd: &[&str]) -> Detached<'a> {
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        let out = ctr.run(&args, None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ctr.task_line(id).is_some_and(|l| l.contains("RUNNING")) {
+            assert!(Instant::now() < deadline, "{id} never RUNNING");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Detached {
+            ctr,
+            id: id.to_owned(),
+        }
+    }
+
+    fn exec(&self, exec_id: &str, cmd: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+        let mut args = vec!["task", "exec", "--exec-id", exec_id, self.id.as_str()];
+        args.extend_from_slice(cmd);
+        self.ctr.run(&args, stdin)
+    }
+}
+
+impl Drop for Detached<'_> {
+    fn drop(&mut self) {
+        let ctr = self.ctr;
+        if ctr.task_line(&self.id).is_some() {
+            let _ = ctr.run(&["task", "kill", "-s", "SIGKILL", &self.id], None);
+            for _ in 0..150 {
+                if ctr
+                    .task_line(&self.id)
+                    .is_none_or(|l| l.contains("STOPPED"))
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = ctr.run(&["task", "rm", &self.id], None);
+        }
+        let _ = ctr.run(&["containers", "rm", &self.id], None);
+    }
+}
+
+#[tokio::test]
+async fn exec_runs_in_the_container_with_status_stdin_concurrency_and_events() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let events = EventLog::start(&ctr);
+    {
+        let c = Detached::run(
+            &ctr,
+            "ix-exec",
+            &[],
+            &["sh", "-c", "echo init > /tmp/mark; exec sleep 300"],
+        )
+        .await;
+
+        // Output, and the container's own filesystem (it sees what the init wrote).
+        let out = c.exec("e-echo", &["sh", "-c", "echo hello; cat /tmp/mark"], None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "hello\ninit\n");
+
+        // The init's pid namespace: the init is PID 1 there.
+        let out = c.exec("e-ps", &["cat", "/proc/1/cmdline"], None);
+        assert!(
+            text(&out.stdout).starts_with("sleep"),
+            "{}",
+            text(&out.stdout)
+        );
+
+        // Exit status propagates.
+        let out = c.exec("e-fail", &["sh", "-c", "exit 3"], None);
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+
+        // A missing binary: a clear error naming it.
+        let out = c.exec("e-missing", &["/no/such/binary"], None);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains("/no/such/binary"), "{err}");
+
+        // stdin reaches the exec.
+        let out = c.exec("e-stdin", &["head", "-n", "1"], Some(b"piped line\nmore\n"));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "piped line\n");
+
+        // Five at once, each with its own output.
+        let handles: Vec<_> = (0..5)
+            .map(|i| {
+                let args: Vec<String> = [
+                    "--address",
+                    &ctr.address,
+                    "task",
+                    "exec",
+                    "--exec-id",
+                    &format!("e-par{i}"),
+                    "ix-exec",
+                    "sh",
+                    "-c",
+                    &format!("sleep 1; echo par{i}"),
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                std::thread::spawn(move || {
+                    Command::new("ctr")
+                        .args(&args)
+                        .stdin(Stdio::null())
+                        .output()
+                        .expect("ctr exec")
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let out = h.join().unwrap();
+            assert!(out.status.success(), "par{i}: {}", text(&out.stderr));
+            assert_eq!(text(&out.stdout), format!("par{i}\n"));
+        }
+
+        // Killing one exec leaves the others and the container alone.
+        let mut long = ctr
+            .cmd()
+            .args([
+                "task",
+                "exec",
+                "--exec-id",
+                "e-long",
+                "ix-exec",
+                "sleep",
+                "100",
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let other = ctr
+            .cmd()
+            .args([
+                "task",
+                "exec",
+                "--exec-id",
+                "e-other",
+                "ix-exec",
+                "sh",
+                "-c",
+                "sleep 3; echo survived",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(
+            events
+                .wait_for("/tasks/exec-started", "e-long", Duration::from_secs(15))
+                .await
+        );
+        let out = ctr.run(
+            &[
+                "task",
+                "kill",
+                "--exec-id",
+                "e-long",
+                "-s",
+                "SIGKILL",
+                "ix-exec",
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let status = long.wait().unwrap();
+        assert_eq!(status.code(), Some(137));
+        let out = other.wait_with_output().unwrap();
+        assert_eq!(text(&out.stdout), "survived\n");
+        assert!(ctr
+            .task_line("ix-exec")
+            .is_some_and(|l| l.contains("RUNNING")));
+
+        assert!(!events.matching("/tasks/exec-added", "e-echo").is_empty());
+        assert!(!events.matching("/tasks/exec-started", "e-echo").is_empty());
+        assert!(
+            events
+                .matching("/tasks/exit", "e-fail")
+                .iter()
+                .any(|l| l.contains("\"id\":\"e-fail\"") && l.contains("\"exit_status\":3")),
+            "{:?}",
+            events.matching("/tasks/exit", "e-fail")
+        );
+    }
+    ctr.assert_clean();
+}
+
+/// `ctr task metrics` reads the guest's cgroup: memory usage grows when the container
+/// allocates (a 48 MB file in its tmpfs /dev/shm counts as its memory).
+#[tokio::test]
+async fn metrics_show_memory_growing_with_an_allocation() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    {
+        let c = Detached::run(&ctr, "ix-metrics", &[], &["sleep", "300"]).await;
+        let usage = || {
+            let out = ctr.run(&["task", "metrics", "--format", "json", "ix-metrics"], None);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metrics JSON");
+            v["memory"]["usage"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no memory.usage: {v}"))
+        };
+        let before = usage();
+        assert!(before > 0, "memory usage of a running container is not 0");
+        let out = c.exec(
+            "m-alloc",
+            &["sh", "-c", "head -c 48000000 /dev/zero > /dev/shm/blob"],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let after = usage();
+        assert!(
+            after >= before + 40_000_000,
+            "usage {before} -> {after}: did not grow by the 48 MB allocated"
+        );
+        let out = ctr.run(&["task", "metrics", "ix-metrics"], None);
+        assert!(text(&out.stdout).contains("pids"), "{}", text(&out.stdout));
+    }
+    ctr.assert_clean();
+}
+
+/// 32 MiB limit, 64 MiB allocated (dd's one 64 MiB buffer, anonymous memory): the guest's
+/// OOM killer acts and containerd sees /tasks/oom for the container, then its exit.
+#[tokio::test]
+async fn oom_kill_in_the_guest_reaches_containerd() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let events = EventLog::start(&ctr);
+    {
+        let _c = Detached::run(
+            &ctr,
+            "ix-oom",
+            &["--memory-limit", "33554432"],
+            &[
+                "sh",
+                "-c",
+                "sleep 2; exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+            ],
+        )
+        .await;
+        assert!(
+            events
+                .wait_for("/tasks/oom", "ix-oom", Duration::from_secs(30))
+                .await,
+            "no /tasks/oom event; events: {:?}",
+            events.lines.lock().unwrap_or_else(|p| p.into_inner())
+        );
+    }
+    assert!(
+        events
+            .wait_for("/tasks/exit", "ix-oom", Duration::from_secs(10))
+            .await
+    );
+    ctr.assert_clean();
+}
+
+/// pause freezes the container (a counter stops), State says PAUSED; resume lets it go on.
+#[tokio::test]
+async fn pause_stops_a_counter_and_resume_lets_it_go_on() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let events = EventLog::start(&ctr);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("counter.log");
+    let log_uri = format!("file://{}", log.display());
+    {
+        let _c = Detached::run(
+            &ctr,
+            "ix-pause",
+            &["--log-uri", &log_uri],
+            &[
+                "sh",
+                "-c",
+                "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done",
+            ],
+        )
+        .await;
+        let last = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .last()
+                .and_then(|l| l.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(last() > 0, "the counter never ran");
+        let out = ctr.run(&["task", "pause", "ix-pause"], None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let line = ctr.task_line("ix-pause").unwrap_or_default();
+        assert!(line.contains("PAUSED"), "{line}");
+        let frozen = last();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(last(), frozen, "the counter advanced while paused");
+        let out = ctr.run(&["task", "resume", "ix-pause"], None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(ctr
+            .task_line("ix-pause")
+            .is_some_and(|l| l.contains("RUNNING")));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(last() > frozen, "the counter did not go on after resume");
+        assert!(!events.matching("/tasks/paused", "ix-pause").is_empty());
+        assert!(!events.matching("/tasks/resumed", "ix-pause").is_empty());
+    }
+    ctr.assert_clean();
+}
+
+/// Update (the shim's task API, which CRI's UpdateContainerResources reaches): a new memory
+/// limit shows in the container's cgroup; one beyond the VM's memory is refused naming it.
+#[tokio::test]
+async fn update_changes_the_cgroup_limit_and_refuses_more_than_the_vm_has() {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::MessageField;
+    use containerd_shim_protos::shim_async::{Client, TaskClient};
+
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    {
+        let _c = Detached::run(&ctr, "ix-update", &[], &["sleep", "300"]).await;
+        let socket = ctr.shim_socket("default", "ix-update");
+        let client = Client::connect(&format!("unix://{}", socket.display()))
+            .await
+            .expect("shim socket");
+        let task = TaskClient::new(client);
+        let update = |limit: u64| {
+            let mut any = Any::new();
+            any.type_url =
+                "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
+            any.value =
+                serde_json::to_vec(&serde_json::json!({"memory": {"limit": limit}})).unwrap();
+            let mut req = UpdateTaskRequest::new();
+            req.id = "ix-update".into();
+            req.resources = MessageField::some(any);
+            req
+        };
+        let ctx = || ttrpc::context::with_timeout(10_000_000_000);
+        // The limit the guest's cgroup has (memory.max), as `ctr task metrics` reads it.
+        let limit = || {
+            let out = ctr.run(&["task", "metrics", "--format", "json", "ix-update"], None);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metrics JSON");
+            v["memory"]["usage_limit"].as_u64().unwrap_or(0)
+        };
+        assert_eq!(limit(), u64::MAX, "no limit before the update");
+        task.update(ctx(), &update(64 << 20))
+            .await
+            .expect("update to 64 MiB");
+        assert_eq!(limit(), 64 << 20);
+        let err = task
+            .update(ctx(), &update(64 << 30))
+            .await
+            .expect_err("a limit beyond the VM");
+        assert!(err.to_string().contains("memory"), "{err}");
+    }
+    ctr.assert_clean();
+}
+
+/// `ctr run -t` in a real terminal (tmux): an interactive `sh` whose typed input echoes, and
+/// whose `stty size` follows a resize of the terminal (SIGWINCH → ResizePty → the guest pty).
+#[tokio::test]
+async fn tty_shell_echoes_input_and_follows_resizes() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let session = format!("spinbox-tty-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux (apt-get install tmux)")
+    };
+    let command = format!(
+        "ctr --address {} run -t --rm --runtime {RUNTIME} {IMAGE} ix-tty sh",
+        ctr.address
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &command,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let screen = || text(&tmux(&["capture-pane", "-p", "-t", &session]).stdout);
+    let wait_screen = |needle: String| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = screen();
+            if s.contains(&needle) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never on screen:\n{s}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    // The shell's prompt, then typed input echoed by the guest's terminal.
+    wait_screen("#".into()).await;
+    tmux(&["send-keys", "-t", &session, "echo typed-$((6*7))", "Enter"]);
+    wait_screen("typed-42".into()).await;
+    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+    wait_screen("24 80".into()).await;
+    tmux(&["resize-window", "-t", &session, "-x", "100", "-y", "30"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+    wait_screen("30 100".into()).await;
+
+    // `ctr task exec -t` into it: a second terminal, sized like its window.
+    let exec = format!(
+        "ctr --address {} task exec -t --exec-id ix-tty-exec ix-tty sh",
+        ctr.address
+    );
+    let out = tmux(&["new-window", "-t", &session, &exec]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_screen("#".into()).await;
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "echo in-exec-$((2*21)); stty size",
+        "Enter",
+    ]);
+    wait_screen("in-exec-42".into()).await;
+    let size = text(
+        &tmux(&[
+            "display-message",
+            "-p",
+            "-t",
+            &session,
+            "#{window_height} #{window_width}",
+        ])
+        .stdout,
+    );
+    wait_screen(size.trim().to_owned()).await;
+    tmux(&["send-keys", "-t", &session, "exit", "Enter"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while text(&tmux(&["list-windows", "-t", &session]).stdout)
+        .lines()
+        .count()
+        > 1
+    {
+        assert!(Instant::now() < deadline, "the exec's window never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tmux(&["send-keys", "-t", &session, "exit", "Enter"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ctr.task_line("ix-tty").is_some() {
+        assert!(Instant::now() < deadline, "ix-tty still listed after exit");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tmux(&["kill-session", "-t", &session]);
+    ctr.assert_clean();
+}
