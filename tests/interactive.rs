@@ -541,3 +541,91 @@ async fn tty_shell_echoes_input_and_follows_resizes() {
     tmux(&["kill-session", "-t", &session]);
     ctr.assert_clean();
 }
+
+/// A detached TTY container (`ctr run -d -t`) is attached to, detached from (the client
+/// killed) and attached to again: each client types into the same shell and sees its output.
+#[tokio::test]
+async fn detached_tty_container_can_be_attached_again() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let session = format!("spinbox-attach-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux (apt-get install tmux)")
+    };
+    // `ctr run -t` wants a terminal even when detaching: give it one, and keep the window.
+    let run = format!(
+        "ctr --address {} run -d -t --runtime {RUNTIME} {IMAGE} ix-attach sh; sleep 600",
+        ctr.address
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &run,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    {
+        let _c = Detached {
+            ctr: &ctr,
+            id: "ix-attach".into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ctr
+            .task_line("ix-attach")
+            .is_some_and(|l| l.contains("RUNNING"))
+        {
+            assert!(Instant::now() < deadline, "ix-attach never RUNNING");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (round, n) in [(1, 11), (2, 22)] {
+            let window = format!("{session}:{round}");
+            let attach = format!(
+                "ctr --address {} task attach ix-attach; sleep 600",
+                ctr.address
+            );
+            let out = tmux(&["new-window", "-t", &format!("{session}:{round}"), &attach]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tmux(&[
+                "send-keys",
+                "-t",
+                &window,
+                &format!("echo round-$(({n}*2))"),
+                "Enter",
+            ]);
+            let want = format!("round-{}", n * 2);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let screen = text(&tmux(&["capture-pane", "-p", "-t", &window]).stdout);
+                if screen.contains(&want) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "attach {round}: {want:?} never shown:\n{screen}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // Detach by killing the client.
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-f", "task attach ix-attach"])
+                .status();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(
+                ctr.task_line("ix-attach")
+                    .is_some_and(|l| l.contains("RUNNING")),
+                "the shell must outlive its client"
+            );
+        }
+    }
+    tmux(&["kill-session", "-t", &session]);
+    ctr.assert_clean();
+}

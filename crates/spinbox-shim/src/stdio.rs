@@ -97,8 +97,40 @@ async fn open_stream(
     Ok(s)
 }
 
-/// Opens a containerd output path for writing: a fifo (containerd holds its read end) or a
-/// plain file (appended).
+/// A fifo's write end, with a read end of our own kept open beside it: a client that goes
+/// away (`ctr run -d`, a detached `ctr task attach`) does not break the pipe, and the next
+/// client to open the fifo reads on (as containerd's runc shim keeps its fifos).
+struct FifoOut {
+    tx: tokio::net::unix::pipe::Sender,
+    _keep_open: std::fs::File,
+}
+
+impl AsyncWrite for FifoOut {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tx).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.tx).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.tx).poll_shutdown(cx)
+    }
+}
+
+/// Opens a containerd output path for writing: a fifo (containerd's client holds its read
+/// end; we keep one too, see [`FifoOut`]) or a plain file (appended).
 async fn open_output(path: &Path) -> io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
     let meta = tokio::fs::metadata(path).await;
     let is_fifo = meta
@@ -106,8 +138,17 @@ async fn open_output(path: &Path) -> io::Result<Box<dyn AsyncWrite + Send + Unpi
         .map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
         .unwrap_or(false);
     if is_fifo {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A non-blocking read open of a fifo returns at once, writer or not.
+        let keep_open = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
         let tx = tokio::net::unix::pipe::OpenOptions::new().open_sender(path)?;
-        Ok(Box::new(tx))
+        Ok(Box::new(FifoOut {
+            tx,
+            _keep_open: keep_open,
+        }))
     } else {
         let f = tokio::fs::OpenOptions::new()
             .create(true)
@@ -133,22 +174,57 @@ fn unblock_fifo_open(path: &Path) {
 /// (containerd's client opens it concurrently); that wait runs on a thread of its own, so
 /// neither the runtime nor its blocking pool (which the shim's exit waits for) is held, and
 /// [`StdioPumps::abort`] can release it.
-async fn open_input(path: PathBuf) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
+///
+/// For a terminal, the fifo is then held open for writing by us as well: a client that
+/// detaches does not end the terminal's input, and `ctr task attach` can type into it again
+/// (CloseIO still ends it).
+async fn open_input(
+    path: PathBuf,
+    terminal: bool,
+) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
     let meta = tokio::fs::metadata(&path).await?;
     if std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let open_path = path.clone();
         std::thread::Builder::new()
             .name("stdin-open".into())
             .spawn(move || {
-                let _ = tx.send(std::fs::File::open(&path));
+                let _ = tx.send(std::fs::File::open(&open_path));
             })?;
         let file = rx
             .await
             .map_err(|_| io::Error::other("stdin open thread vanished"))??;
         let rx = tokio::net::unix::pipe::Receiver::from_file(file)?;
+        if terminal {
+            use std::os::unix::fs::OpenOptionsExt;
+            let keep_open = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)?;
+            return Ok(Box::new(FifoIn {
+                rx,
+                _keep_open: keep_open,
+            }));
+        }
         Ok(Box::new(rx))
     } else {
         Ok(Box::new(tokio::fs::File::open(&path).await?))
+    }
+}
+
+/// A terminal's input fifo with a write end of our own (see [`open_input`]).
+struct FifoIn {
+    rx: tokio::net::unix::pipe::Receiver,
+    _keep_open: std::fs::File,
+}
+
+impl AsyncRead for FifoIn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.rx).poll_read(cx, buf)
     }
 }
 
@@ -326,8 +402,9 @@ pub async fn connect(
         .map_err(|e| io::Error::new(e.kind(), format!("stdin stream: {e}")))?;
         let path = PathBuf::from(paths.stdin.strip_prefix("file://").unwrap_or(&paths.stdin));
         pumps.stdin_fifo = Some(path.clone());
+        let terminal = paths.terminal;
         pumps.stdin = Some(tokio::spawn(async move {
-            let mut input = open_input(path).await?;
+            let mut input = open_input(path, terminal).await?;
             let n = tokio::io::copy(&mut input, &mut stream).await?;
             // EOF from containerd: the process sees EOF too.
             stream.shutdown().await?;
