@@ -41,6 +41,7 @@ fn main() {
     if mode.as_deref() == Some(std::ffi::OsStr::new(container::launch::CONTAINER_EXEC_ARG)) {
         container::child::exec_main();
     }
+    shutdown::power_off_if_floor();
     shutdown::install_panic_hook();
     let reason = match run() {
         Ok(reason) => reason,

@@ -138,6 +138,14 @@ pub fn power_off(reason: &str) -> ! {
     final_power_off()
 }
 
+/// The benchmark's boot floor (`spinbox_floor=1` on the kernel command line, which the
+/// kernel hands init as an environment variable): power off before doing anything else.
+pub fn power_off_if_floor() {
+    if std::process::id() == 1 && std::env::var_os("spinbox_floor").is_some_and(|v| v == "1") {
+        final_power_off();
+    }
+}
+
 /// Sync and `reboot(RB_POWER_OFF)`, nothing else: for the panic hook and the last step.
 fn final_power_off() -> ! {
     sync();

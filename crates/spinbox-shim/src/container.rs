@@ -243,6 +243,50 @@ pub fn work_dir(config: &Config, id: &str) -> PathBuf {
     config.paths.data_dir.join("containers").join(id)
 }
 
+/// Where a create's time went: each step's duration, logged as one `create timeline` line
+/// (the benchmark's boot breakdown reads it from containerd's log).
+pub struct Timeline {
+    started: std::time::Instant,
+    last: std::time::Instant,
+    steps: Vec<(&'static str, u64)>,
+}
+
+impl Timeline {
+    fn start() -> Timeline {
+        let now = std::time::Instant::now();
+        Timeline {
+            started: now,
+            last: now,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Ends the step named `step` now.
+    fn mark(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        let ms = u64::try_from(now.duration_since(self.last).as_millis()).unwrap_or(u64::MAX);
+        self.steps.push((step, ms));
+        self.last = now;
+    }
+
+    fn log(&self, id: &str, boot: &spinbox_vmm::BootInfo) {
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(step, ms)| format!("{step}_ms={ms}"))
+            .collect();
+        let total = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(
+            id = %id,
+            steps = %steps.join(" "),
+            qemu_spawn_to_ready_ms = boot.host_spawn_to_ready_ms,
+            guest_boot_to_ready_ms = boot.guest_boot_to_ready_ms,
+            total_ms = total,
+            "create timeline"
+        );
+    }
+}
+
 /// What a create has acquired so far; released through the cleanup phases on failure.
 struct Acquired {
     state: Arc<StateDir>,
@@ -283,7 +327,9 @@ impl Container {
                 },
             )
         })?;
+        let mut timeline = Timeline::start();
         let bundle = load_bundle(&opts).await.map_err(|e| failed(P::Bundle, e))?;
+        timeline.mark("bundle");
 
         // The record first: everything after it is written there before it exists.
         let state_path = config.paths.state_dir.join(&opts.id);
@@ -307,7 +353,8 @@ impl Container {
             vm: None,
             network: spinbox_net::Settings::from_config(config),
         };
-        match Container::create_in(opts, config, bundle, &mut acquired).await {
+        timeline.mark("state");
+        match Container::create_in(opts, config, bundle, &mut acquired, timeline).await {
             Ok(c) => Ok(c),
             Err(e) => {
                 tracing::warn!(error = %e, "create failed; rolling back");
@@ -322,6 +369,7 @@ impl Container {
         config: &Config,
         bundle: Bundle,
         acquired: &mut Acquired,
+        mut timeline: Timeline,
     ) -> Result<Container, ContainerError> {
         use CreatePhase as P;
         let Bundle {
@@ -384,6 +432,7 @@ impl Container {
             })
             .collect();
         acquired.rootfs = Some(prepared);
+        timeline.mark("mounts");
 
         // Network: the TAPs QEMU gets, mirroring the container's network namespace.
         let attached = spinbox_net::setup(
@@ -419,6 +468,7 @@ impl Container {
         };
 
         // VM.
+        timeline.mark("network");
         let vm = Vm::start_in(
             Arc::clone(&state),
             false,
@@ -432,6 +482,8 @@ impl Container {
         let share_vm_network = !attached.interfaces.is_empty();
         let network_config = guest_network(&attached);
         drop(attached);
+        timeline.mark("vm");
+        let boot = vm.boot_info().clone();
         let agent = vm.agent().clone();
         let transport = vm.transport().clone();
         let vm_exit = vm.exit_watch();
@@ -464,6 +516,7 @@ impl Container {
             files,
             ..Default::default()
         };
+        timeline.mark("configure_network");
         let created = agent
             .create_container(ctx(config.timeouts.vm_start), &req)
             .await
@@ -471,6 +524,7 @@ impl Container {
         tracing::info!(id = %opts.id, pid = created.pid, "container created in the guest");
 
         // Stdio.
+        timeline.mark("container");
         let pumps = stdio::connect(
             &transport,
             spinbox_agent_api::DEFAULT_STDIO_PORT,
@@ -483,6 +537,8 @@ impl Container {
         .await
         .map_err(|e| failed(P::Stdio, ContainerError::Stdio(e)))?;
 
+        timeline.mark("stdio");
+        timeline.log(&opts.id, &boot);
         let (exit_tx, exit) = watch::channel(None);
         let rootfs = acquired.rootfs.take().unwrap_or_default();
         Ok(Container {

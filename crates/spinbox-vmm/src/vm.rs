@@ -14,7 +14,7 @@ use spinbox_config::Config;
 use tokio::sync::watch;
 
 use crate::accel::{resolve_accel, resolve_vsock, HostCaps, VsockKind};
-use crate::cmdline::{self, QemuCommandLine};
+use crate::cmdline::{self, AccelKind, QemuCommandLine};
 use crate::process::{self, PassFd, ProcessRecord};
 use crate::qmp::{Qmp, QmpError};
 use crate::state::{self, StateDir};
@@ -349,6 +349,60 @@ impl ShutdownStep {
     }
 }
 
+/// The machine every spinbox VM is: QEMU basics, machine and accelerator, CPU, memory, kernel
+/// + initrd with `kernel_cmdline`, the serial console into `console_log`, the firmware.
+fn base_command_line(
+    config: &Config,
+    accel: AccelKind,
+    vsock_kind: VsockKind,
+    console_log: &Path,
+    kernel_cmdline: String,
+) -> QemuCommandLine {
+    let paths = &config.paths;
+    let mut cmd = QemuCommandLine::new();
+    cmd.push(cmdline::Basics)
+        .push(cmdline::Machine {
+            accel,
+            memory_backend: "mem".into(),
+        })
+        .push(cmdline::Cpu { accel })
+        .push(cmdline::Smp {
+            vcpus: config.vm.vcpus,
+        })
+        .push(cmdline::Memory {
+            id: "mem".into(),
+            mib: config.vm.memory_mib,
+            shared: vsock_kind == VsockKind::VhostUser,
+        })
+        .push(cmdline::KernelBoot {
+            kernel: paths.kernel.clone(),
+            initrd: paths.initrd.clone(),
+            cmdline: kernel_cmdline,
+        })
+        .push(cmdline::SerialToFile {
+            path: console_log.to_path_buf(),
+        });
+    if let Some(fw) = &paths.firmware {
+        cmd.push(cmdline::Firmware { path: fw.clone() });
+    }
+    cmd
+}
+
+/// Kernel argument (passed to init as an environment variable: no dot) that makes the agent
+/// power the VM off the moment it starts: the boot floor the benchmark compares with.
+pub const FLOOR_KERNEL_ARG: &str = "spinbox_floor=1";
+
+/// The QEMU command line of the boot floor: the same machine, kernel and initrd as a spinbox
+/// VM (no disks, NICs, vsock or QMP), whose init powers off at once.
+pub fn floor_command_line(config: &Config, host: &HostCaps, console_log: &Path) -> Vec<String> {
+    let accel = resolve_accel(config.vm.accel, host);
+    let vsock_kind = resolve_vsock(config.vm.vsock, host);
+    let mut extra = config.vm.kernel_args.clone();
+    extra.push(FLOOR_KERNEL_ARG.to_owned());
+    let kernel_cmdline = cmdline::guest_kernel_cmdline(config.vm.agent_port, &extra);
+    base_command_line(config, accel, vsock_kind, console_log, kernel_cmdline).args()
+}
+
 impl Vm {
     /// Boots a VM for `id` with `config` and waits until its agent answers.
     pub async fn start(id: &str, config: &Config) -> Result<Vm, VmError> {
@@ -526,36 +580,14 @@ impl Vm {
             }
         })?;
 
-        let mut cmd = QemuCommandLine::new();
-        cmd.push(cmdline::Basics)
-            .push(cmdline::Machine {
-                accel,
-                memory_backend: "mem".into(),
-            })
-            .push(cmdline::Cpu { accel })
-            .push(cmdline::Smp {
-                vcpus: config.vm.vcpus,
-            })
-            .push(cmdline::Memory {
-                id: "mem".into(),
-                mib: config.vm.memory_mib,
-                shared: vsock_kind == VsockKind::VhostUser,
-            })
-            .push(cmdline::KernelBoot {
-                kernel: paths.kernel.clone(),
-                initrd: paths.initrd.clone(),
-                cmdline: cmdline::guest_kernel_cmdline(
-                    config.vm.agent_port,
-                    &config.vm.kernel_args,
-                ),
-            })
-            .push(cmdline::SerialToFile {
-                path: console_log.clone(),
-            })
-            .push(cmdline::QmpFd { fd: QMP_FD });
-        if let Some(fw) = &paths.firmware {
-            cmd.push(cmdline::Firmware { path: fw.clone() });
-        }
+        let mut cmd = base_command_line(
+            config,
+            accel,
+            vsock_kind,
+            &console_log,
+            cmdline::guest_kernel_cmdline(config.vm.agent_port, &config.vm.kernel_args),
+        );
+        cmd.push(cmdline::QmpFd { fd: QMP_FD });
         for (i, disk) in options.disks.iter().enumerate() {
             cmd.push(cmdline::VirtioBlk {
                 node: format!("disk{i}"),
