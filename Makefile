@@ -2,6 +2,7 @@
 #
 #   make demo     install what is missing, build, boot a microVM and talk to its agent
 #   make test     install what is missing, build the guest, run every test
+#   make bench    spinbox side by side with runc and the boot floor (docs/BENCHMARKS.md)
 #   make install  put binaries, guest image and default config in place
 #
 # Variables: PREFIX (/usr/local), SHAREDIR (/usr/share/spinbox), CONFDIR (/etc/spinbox).
@@ -21,7 +22,7 @@ AGENT    := $(AGENT_TARGET_DIR)/$(TARGET)/release/spinbox-agent
 # Two cores: one VM-booting test at a time is what the tests enforce; threads for the rest.
 TEST_THREADS ?= 2
 
-.PHONY: all deps build agent guest test unit lint demo install minimal-kernel clean
+.PHONY: all deps build agent guest test bench unit lint demo install minimal-kernel clean
 
 all: build guest
 
@@ -41,6 +42,10 @@ $(GUEST)/vmlinux:
 guest: agent $(GUEST)/vmlinux
 	bash kernel/fetch-debian-kernel.sh $(GUEST)
 	bash kernel/build-initrd.sh $(AGENT) $(GUEST) $(GUEST)/initrd.img
+
+# The benchmark table (docs/BENCHMARKS.md); BENCH_RUNS, BENCH_STDOUT_MIB, BENCH_PARALLEL tune it.
+bench: deps guest
+	bash tests/run.sh --bench
 
 unit:
 	cargo test --workspace --exclude spinbox-tests
