@@ -704,6 +704,21 @@ for id in "${ids[@]}"; do
   fi
 done
 
+# A spinbox table left without rules goes too (as spinbox itself does when it removes the
+# last container's rules).
+if [[ -x "$nft_bin" ]]; then
+  for family in inet bridge; do
+    if "${tmo[@]}" "$nft_bin" -j list table "$family" spinbox >"$tmp/nft.json" 2>/dev/null &&
+      ! grep -q '"rule"' "$tmp/nft.json"; then
+      if "${lock[@]}" "${tmo[@]}" "$nft_bin" delete table "$family" spinbox 2>"$tmp/err"; then
+        say "removed table  $family spinbox (empty)"
+      else
+        failed "table $family spinbox: $(tr '\n' ' ' <"$tmp/err")"
+      fi
+    fi
+  done
+fi
+
 if ((removed == 0 && failures == 0 && gc_failures == 0)); then
   say "$prog: nothing orphaned to remove"
 fi

@@ -117,9 +117,23 @@ impl Drop for Detached<'_> {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            let _ = ctr.run(&["task", "rm", &self.id], None);
         }
-        let _ = ctr.run(&["containers", "rm", &self.id], None);
+        // Removal may race containerd's own bookkeeping under load: retry, bounded.
+        for _ in 0..100 {
+            if ctr.task_line(&self.id).is_some() {
+                let _ = ctr.run(&["task", "rm", &self.id], None);
+            }
+            let out = ctr.run(&["containers", "rm", &self.id], None);
+            let listed = ctr.run(&["containers", "ls", "-q"], None);
+            if out.status.success()
+                || !String::from_utf8_lossy(&listed.stdout)
+                    .lines()
+                    .any(|l| l.trim() == self.id)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 

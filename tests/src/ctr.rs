@@ -146,15 +146,25 @@ impl Ctr {
 
     /// Asserts nothing of spinbox's is left: no QEMU / helper / shim process, no VM state,
     /// no container data, no console log, no container or task known to containerd.
+    ///
+    /// A shim still finishing (containerd's `shim delete` after the task went, a shim exiting
+    /// after Shutdown) gets up to 20 s to be gone; one still there after that is a leak.
     pub fn assert_clean(&self) {
+        let shims = || -> Vec<String> {
+            crate::processes_mentioning("containerd-shim-spinbox-v2")
+                .into_iter()
+                .filter(|p| p.contains(&self.address))
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !shims().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let left = shims();
+        assert!(left.is_empty(), "shims left: {left:#?}");
         let root = self.spinbox_root.display().to_string();
         let procs = crate::processes_mentioning(&root);
         assert!(procs.is_empty(), "VM processes left: {procs:#?}");
-        let shims: Vec<String> = crate::processes_mentioning("containerd-shim-spinbox-v2")
-            .into_iter()
-            .filter(|p| p.contains(&self.address))
-            .collect();
-        assert!(shims.is_empty(), "shims left: {shims:#?}");
         for sub in ["state", "log", "data/containers"] {
             let d = self.spinbox_root.join(sub);
             if let Ok(entries) = std::fs::read_dir(&d) {

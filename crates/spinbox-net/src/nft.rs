@@ -208,7 +208,13 @@ impl Nft {
 
     /// Every rule of the spinbox tables; an absent table has none.
     pub async fn list(&self) -> Result<Vec<ListedRule>, NetError> {
+        Ok(self.list_with_tables().await?.0)
+    }
+
+    /// The rules, and the families whose spinbox table exists.
+    async fn list_with_tables(&self) -> Result<(Vec<ListedRule>, Vec<&'static str>), NetError> {
         let mut rules = Vec::new();
+        let mut tables = Vec::new();
         for family in FAMILIES {
             let out = match self
                 .run(&["-j", "list", "table", family, TABLE], None)
@@ -226,30 +232,42 @@ impl Nft {
                 what: "parsing nft -j list output".into(),
                 reason: e.to_string(),
             })?;
+            tables.push(family);
             rules.extend(parse_rules(&v));
         }
-        Ok(rules)
+        Ok((rules, tables))
     }
 
     /// Removes every rule tagged for container `id`; none is not an error.
+    /// A table left without rules goes too: a host without spinbox containers has no spinbox
+    /// tables. (Callers hold the host lock, so no other container's rules arrive meanwhile.)
     pub async fn remove_container(&self, id: &str) -> Result<usize, NetError> {
-        let want = tag(id);
-        let doomed: Vec<ListedRule> = self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|r| r.comment == want)
-            .collect();
-        let cmds = doomed
-            .iter()
-            .map(|r| {
-                json!({"delete": {"rule": {"family": r.family, "table": TABLE,
-                    "chain": r.chain, "handle": r.handle}}})
-            })
-            .collect();
+        let (rules, tables) = self.list_with_tables().await?;
+        let (cmds, removed) = removal_commands(&rules, &tables, id);
         self.apply(cmds).await?;
-        Ok(doomed.len())
+        Ok(removed)
     }
+}
+
+/// The nft commands that remove container `id`'s rules, and the tables that are then empty;
+/// with the number of rules removed.
+fn removal_commands(rules: &[ListedRule], tables: &[&str], id: &str) -> (Vec<Value>, usize) {
+    let want = tag(id);
+    let (doomed, kept): (Vec<&ListedRule>, Vec<&ListedRule>) =
+        rules.iter().partition(|r| r.comment == want);
+    let mut cmds: Vec<Value> = doomed
+        .iter()
+        .map(|r| {
+            json!({"delete": {"rule": {"family": r.family, "table": TABLE,
+                "chain": r.chain, "handle": r.handle}}})
+        })
+        .collect();
+    for family in tables {
+        if !kept.iter().any(|r| r.family == *family) {
+            cmds.push(json!({"delete": {"table": {"family": family, "name": TABLE}}}));
+        }
+    }
+    (cmds, doomed.len())
 }
 
 pub fn parse_rules(v: &Value) -> Vec<ListedRule> {
@@ -337,6 +355,38 @@ mod tests {
                 && text.contains(r#""drop":null"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn removal_drops_the_rules_and_tables_left_empty() {
+        let rule = |family: &str, handle, comment: &str| ListedRule {
+            family: family.into(),
+            chain: "output".into(),
+            handle,
+            comment: comment.into(),
+        };
+        let rules = [
+            rule("inet", 1, "spinbox:a"),
+            rule("inet", 2, "spinbox:b"),
+            rule("bridge", 3, "spinbox:a"),
+        ];
+        let (cmds, n) = removal_commands(&rules, &["inet", "bridge"], "a");
+        assert_eq!(n, 2);
+        let text = serde_json::to_string(&cmds).unwrap();
+        assert!(
+            text.contains(r#""handle":1"#) && text.contains(r#""handle":3"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#""handle":2"#));
+        // inet still holds b's rule; bridge is empty afterwards.
+        assert_eq!(cmds.len(), 3, "{text}");
+        assert!(
+            text.contains(r#"{"delete":{"table":{"family":"bridge","name":"spinbox"}}}"#),
+            "{text}"
+        );
+        // The last container: both tables go.
+        let (cmds, _) = removal_commands(&rules[1..2], &["inet"], "b");
+        assert_eq!(cmds.len(), 2);
     }
 
     #[test]
