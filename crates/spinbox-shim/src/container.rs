@@ -38,6 +38,22 @@ use crate::exec::Exec;
 use crate::lifecycle::LifecycleError;
 use crate::stdio::{self, StdioPaths, StdioPumps};
 
+/// Waits until the exit watch has a value; a dropped sender (the watcher gone with the VM)
+/// counts as a VM death.
+pub(crate) async fn wait_exit(mut rx: watch::Receiver<Option<ExitInfo>>) -> ExitInfo {
+    loop {
+        if let Some(info) = *rx.borrow_and_update() {
+            return info;
+        }
+        if rx.changed().await.is_err() {
+            return ExitInfo {
+                status: VM_DIED_STATUS,
+                at: SystemTime::now(),
+            };
+        }
+    }
+}
+
 /// Exit code reported when the VM died under a running container (as for SIGKILL).
 pub const VM_DIED_STATUS: u32 = 128 + 9;
 /// How long output may still arrive after the VM died: only what is already in host buffers.
@@ -691,18 +707,7 @@ impl Container {
 
     /// Waits for the exit (of a started process; a never-started one never exits by itself).
     pub async fn wait(&self) -> ExitInfo {
-        let mut rx = self.exit.clone();
-        loop {
-            if let Some(info) = *rx.borrow_and_update() {
-                return info;
-            }
-            if rx.changed().await.is_err() {
-                return ExitInfo {
-                    status: VM_DIED_STATUS,
-                    at: SystemTime::now(),
-                };
-            }
-        }
+        wait_exit(self.exit.clone()).await
     }
 
     pub async fn kill(&self, signal: u32, all: bool) -> Result<(), ContainerError> {

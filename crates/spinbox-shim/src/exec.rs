@@ -9,7 +9,9 @@ use spinbox_agent_api::agent::{ExecProcessRequest, ProcessRequest, SignalProcess
 use spinbox_agent_api::agent_ttrpc::AgentClient;
 use tokio::sync::watch;
 
-use crate::container::{agent_err, ctx, ContainerError, ExitInfo, Status, VM_DIED_STATUS};
+use crate::container::{
+    agent_err, ctx, wait_exit, ContainerError, ExitInfo, Status, VM_DIED_STATUS,
+};
 use crate::stdio::{StdioPaths, StdioPumps};
 
 /// One exec process of a container.
@@ -167,18 +169,7 @@ impl Exec {
     }
 
     pub async fn wait(&self) -> ExitInfo {
-        let mut rx = self.exit.clone();
-        loop {
-            if let Some(info) = *rx.borrow_and_update() {
-                return info;
-            }
-            if rx.changed().await.is_err() {
-                return ExitInfo {
-                    status: VM_DIED_STATUS,
-                    at: SystemTime::now(),
-                };
-            }
-        }
+        wait_exit(self.exit.clone()).await
     }
 
     pub async fn kill(&self, signal: u32) -> Result<(), ContainerError> {
