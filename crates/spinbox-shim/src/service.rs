@@ -168,6 +168,18 @@ impl TaskService {
 }
 
 impl Shared {
+    /// TaskExit of a process: the init (`id` = the container id) or an exec (`id` = its exec id).
+    fn publish_exit(&self, container_id: String, id: String, pid: u32, info: ExitInfo) {
+        let mut ev = TaskExit::new();
+        ev.container_id = container_id;
+        ev.id = id;
+        ev.pid = pid;
+        ev.exit_status = info.status;
+        ev.exited_at = timestamp(info.at);
+        self.events
+            .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+    }
+
     /// VM death: TaskExit goes out as soon as the exit watcher has what reached the host, then
     /// the shim shuts down and cleans up (containerd's Delete afterwards gets the same result).
     async fn on_vm_death(self: Arc<Self>, c: Arc<Container>) {
@@ -305,17 +317,8 @@ impl Task for TaskService {
             let exec = c.get_exec(&req.exec_id).await.map_err(to_ttrpc)?;
             let shared = Arc::clone(&self.shared);
             let (id, exec_id) = (c.id.clone(), req.exec_id.clone());
-            let on_exit = move |pid: u32, info: ExitInfo| {
-                let mut ev = TaskExit::new();
-                ev.container_id = id;
-                ev.id = exec_id;
-                ev.pid = pid;
-                ev.exit_status = info.status;
-                ev.exited_at = timestamp(info.at);
-                shared
-                    .events
-                    .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
-            };
+            let on_exit =
+                move |pid: u32, info: ExitInfo| shared.publish_exit(id, exec_id, pid, info);
             let pid = exec.start(on_exit).await.map_err(to_ttrpc)?;
             let mut ev = TaskExecStarted::new();
             ev.container_id = c.id.clone();
@@ -331,17 +334,7 @@ impl Task for TaskService {
         let shared = Arc::clone(&self.shared);
         let id = c.id.clone();
         let pid = c.pid;
-        let on_exit = move |info: ExitInfo| {
-            let mut ev = TaskExit::new();
-            ev.container_id = id.clone();
-            ev.id = id;
-            ev.pid = pid;
-            ev.exit_status = info.status;
-            ev.exited_at = timestamp(info.at);
-            shared
-                .events
-                .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
-        };
+        let on_exit = move |info: ExitInfo| shared.publish_exit(id.clone(), id, pid, info);
         let pid = c.start(on_exit).await.map_err(to_ttrpc)?;
         let mut ev = TaskStart::new();
         ev.container_id = c.id.clone();
