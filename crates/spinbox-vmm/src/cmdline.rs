@@ -63,7 +63,13 @@ impl QemuArg for Machine {
     }
 }
 
-/// `-cpu`: the host's CPU under KVM, the richest model under TCG.
+/// Under TCG: QEMU's richest model without ERMS and FSRM. With them the guest kernel copies
+/// with `rep movsb`, which TCG emulates one byte per iteration; without them it uses its
+/// unrolled 8-byte copy loops. Measured on the project's 2-core TCG machines: a guest pipe
+/// moves 2.5x the bytes per second and container stdout through vsock 2x.
+pub const TCG_CPU_MODEL: &str = "max,erms=off,fsrm=off";
+
+/// `-cpu`: the host's CPU under KVM, [`TCG_CPU_MODEL`] under TCG.
 #[derive(Debug, Clone)]
 pub struct Cpu {
     pub accel: AccelKind,
@@ -73,7 +79,7 @@ impl QemuArg for Cpu {
     fn to_args(&self) -> Vec<String> {
         let model = match self.accel {
             AccelKind::Kvm => "host",
-            AccelKind::Tcg => "max",
+            AccelKind::Tcg => TCG_CPU_MODEL,
         };
         vec!["-cpu".into(), model.into()]
     }
@@ -408,7 +414,7 @@ mod tests {
             }),
         );
         assert_eq!(window(&args, "-accel"), ["tcg,thread=multi"]);
-        assert_eq!(window(&args, "-cpu"), ["max"]);
+        assert_eq!(window(&args, "-cpu"), [TCG_CPU_MODEL]);
         assert!(window(&args, "-machine")[0].starts_with("q35,memory-backend=mem"));
         assert_eq!(
             window(&args, "-object"),
