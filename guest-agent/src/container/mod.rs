@@ -29,7 +29,7 @@ pub mod spec;
 pub mod stdio;
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -165,8 +165,14 @@ impl Rollback {
     }
 }
 
+/// Capacity of the stdio pipes: a writer blocks less and the pump reads larger chunks.
+const PIPE_SIZE: libc::c_int = 1 << 20;
+
 fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: F_SETPIPE_SZ on a pipe we own; a refusal (pipe-user-pages limits) keeps 64 KiB.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    Ok((r, w))
 }
 
 fn dev_null(write: bool) -> std::io::Result<OwnedFd> {

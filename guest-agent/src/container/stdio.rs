@@ -25,6 +25,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// the host sent just before the RPC still gets through).
 const CLOSE_DRAIN_IDLE: Duration = Duration::from_millis(100);
 
+/// Read size of the output pumps (the largest vsock packet the guest sends is 64 KiB).
+const OUTPUT_CHUNK: usize = 64 * 1024;
+
 /// The connection type the pumps get.
 pub type StdioConn = VsockStream;
 
@@ -94,13 +97,29 @@ pub async fn pump_output<R: AsyncRead + Unpin, S: AsyncWrite + Unpin>(
         debug!("{what}: no stream will come; output discarded");
         return;
     };
-    if let Err(e) = tokio::io::copy(&mut pipe, &mut conn).await {
+    if let Err(e) = copy_output(&mut pipe, &mut conn).await {
         // The host went away: drop the pipe, writers get EPIPE.
         debug!("{what}: {e}");
         return;
     }
     if let Err(e) = conn.shutdown().await {
         debug!("{what}: shutdown: {e}");
+    }
+}
+
+/// Pipe -> stream with one large buffer: every write becomes one vsock packet (up to the
+/// peer's credit), so a larger read means fewer packets, notifications and interrupts.
+async fn copy_output<R: AsyncRead + Unpin, S: AsyncWrite + Unpin>(
+    pipe: &mut R,
+    conn: &mut S,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; OUTPUT_CHUNK];
+    loop {
+        let n = pipe.read(&mut buf).await?;
+        if n == 0 {
+            return conn.flush().await;
+        }
+        conn.write_all(&buf[..n]).await?;
     }
 }
 
