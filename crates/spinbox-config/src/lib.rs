@@ -233,7 +233,7 @@ impl Default for Timeouts {
             device_detection: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(3),
             event_reconnect: Duration::from_secs(2),
-            task_client_retry: Duration::from_millis(50),
+            task_client_retry: Duration::from_millis(5),
             io_wait: Duration::from_secs(5),
             qmp_command: Duration::from_secs(3),
             cni_plugin: Duration::from_secs(10),
