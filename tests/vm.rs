@@ -453,3 +453,48 @@ fn stopped_qemu_climbs_the_whole_ladder_to_sigkill() {
         assert_no_leaks(root.path());
     });
 }
+
+#[test]
+fn floor_powers_off_by_itself_and_one_past_vm_start_is_killed() {
+    run_vm_test(async {
+        let Some(guest) = guest_dir() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let mut config = test_config(&guest, root.path());
+        std::fs::create_dir_all(&config.paths.log_dir).unwrap();
+        let console = config.paths.log_dir.join("floor.console.log");
+        let host = HostCaps::probe();
+
+        let (c, k, h) = (config.clone(), console.clone(), host);
+        let took = tokio::task::spawn_blocking(move || {
+            spinbox_vmm::boot_floor(&c, &h, &k, c.timeouts.vm_start)
+        })
+        .await
+        .unwrap()
+        .expect("the floor guest powers off by itself");
+        println!("floor: {} ms", took.as_millis());
+        assert!(took < config.timeouts.vm_start, "{took:?}");
+
+        // Far too short for any boot: QEMU is killed and the error names the knob.
+        config.timeouts.vm_start = Duration::from_millis(300);
+        let (c, k) = (config.clone(), console.clone());
+        let started = Instant::now();
+        let err = tokio::task::spawn_blocking(move || {
+            spinbox_vmm::boot_floor(&c, &host, &k, c.timeouts.vm_start)
+        })
+        .await
+        .unwrap()
+        .expect_err("a 300 ms bound cannot hold a boot under TCG");
+        assert!(
+            matches!(err, spinbox_vmm::FloorError::TimedOut { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("timeouts.vm_start"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        std::fs::remove_file(&console).unwrap();
+        assert_no_leaks(root.path());
+    });
+}

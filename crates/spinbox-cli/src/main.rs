@@ -2,6 +2,9 @@
 //!
 //! - `spinbox boot [ID]`: boots a microVM with the configured guest, prints what its agent
 //!   reports (version, guest kernel, boot times), shuts it down and prints the shutdown path.
+//! - `spinbox floor [RUNS]`: boots the boot floor — QEMU with the same machine, kernel and
+//!   initrd, whose init powers off the moment it runs — RUNS times (default 1) and prints each
+//!   wall time; what a container start is compared with in `make bench`.
 //! - `spinbox config`: prints the configuration in force (after `$SPINBOX_CONFIG` and defaults).
 //! - `spinbox gc [--dry-run] [ID...]`: lists VM state and container data left by shims that
 //!   are gone, and reclaims it (see `gc.rs`); live VMs are never touched.
@@ -14,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use spinbox_config::Config;
 use spinbox_vmm::Vm;
 
-const USAGE: &str = "usage: spinbox boot [ID] | spinbox config | spinbox gc [--dry-run] [ID...]";
+const USAGE: &str =
+    "usage: spinbox boot [ID] | spinbox floor [RUNS] | spinbox config | spinbox gc [--dry-run] [ID...]";
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -61,6 +65,15 @@ fn main() -> Result<()> {
                 bail!("{failures} orphan(s) could not be reclaimed");
             }
             Ok(())
+        }
+        Some("floor") => {
+            let runs: u32 = match args.get(1) {
+                Some(n) => n.parse().ok().filter(|n| *n > 0).with_context(|| {
+                    format!("spinbox floor: RUNS must be a positive number, got {n:?}")
+                })?,
+                None => 1,
+            };
+            floor(&config, runs)
         }
         Some("config") => {
             println!("{}", config.to_json_pretty());
@@ -115,6 +128,28 @@ async fn boot(id: &str, config: &Config) -> Result<()> {
     let errors = vm.release().await;
     if !errors.is_empty() {
         bail!("cleanup errors: {}", errors.join("; "));
+    }
+    Ok(())
+}
+
+/// Boots the floor VM `runs` times, one after another, and prints each wall time in ms.
+fn floor(config: &Config, runs: u32) -> Result<()> {
+    let host = spinbox_vmm::accel::HostCaps::probe();
+    let dir = tempfile::Builder::new()
+        .prefix("spinbox-floor-")
+        .tempdir()
+        .context("creating a scratch directory for the floor's console log")?;
+    let console = dir.path().join("console.log");
+    println!(
+        "floor: {} booting {} with {}",
+        config.paths.qemu.display(),
+        config.paths.kernel.display(),
+        config.paths.initrd.display()
+    );
+    for run in 1..=runs {
+        let took = spinbox_vmm::boot_floor(config, &host, &console, config.timeouts.vm_start)
+            .with_context(|| format!("floor run {run}"))?;
+        println!("floor run {run}: {} ms", took.as_millis());
     }
     Ok(())
 }

@@ -403,6 +403,71 @@ pub fn floor_command_line(config: &Config, host: &HostCaps, console_log: &Path) 
     base_command_line(config, accel, vsock_kind, console_log, kernel_cmdline).args()
 }
 
+/// Why a boot of the floor failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FloorError {
+    #[error("spawning {qemu}: {source}")]
+    Spawn {
+        qemu: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("waiting for {qemu}: {source}")]
+    Wait {
+        qemu: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the floor VM did not power off within {after:?} (timeouts.vm_start); QEMU was killed"
+    )]
+    TimedOut { after: Duration },
+    #[error("the floor VM's QEMU exited with {status}")]
+    Failed { status: ExitStatus },
+}
+
+/// Boots the floor once and returns its wall time, from spawning QEMU to its exit. QEMU is killed
+/// if the guest has not powered off within `timeout`. Blocking (a std child process, polled every
+/// millisecond): for the `spinbox` command and the benchmark, never on an async runtime.
+pub fn boot_floor(
+    config: &Config,
+    host: &HostCaps,
+    console_log: &Path,
+    timeout: Duration,
+) -> Result<Duration, FloorError> {
+    let qemu = &config.paths.qemu;
+    let started = Instant::now();
+    let mut child = std::process::Command::new(qemu)
+        .args(floor_command_line(config, host, console_log))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|source| FloorError::Spawn {
+            qemu: qemu.clone(),
+            source,
+        })?;
+    loop {
+        let waited = child.try_wait().map_err(|source| FloorError::Wait {
+            qemu: qemu.clone(),
+            source,
+        })?;
+        if let Some(status) = waited {
+            let took = started.elapsed();
+            return if status.success() {
+                Ok(took)
+            } else {
+                Err(FloorError::Failed { status })
+            };
+        }
+        if started.elapsed() > timeout {
+            // Reaped right after; a kill that fails means it exited in between.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(FloorError::TimedOut { after: timeout });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 impl Vm {
     /// Boots a VM for `id` with `config` and waits until its agent answers.
     pub async fn start(id: &str, config: &Config) -> Result<Vm, VmError> {

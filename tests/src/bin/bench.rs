@@ -105,19 +105,9 @@ fn remove(ctr: &Ctr, id: &str) {
 /// once.
 fn floor(config: &spinbox_config::Config, dir: &Path) -> Duration {
     let console = dir.join("floor.console.log");
-    let args =
-        spinbox_vmm::floor_command_line(config, &spinbox_vmm::accel::HostCaps::probe(), &console);
-    let started = Instant::now();
-    let status = Command::new(&config.paths.qemu)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("qemu");
-    let took = started.elapsed();
-    assert!(status.success(), "floor QEMU: {status}");
-    took
+    let host = spinbox_vmm::accel::HostCaps::probe();
+    spinbox_vmm::boot_floor(config, &host, &console, config.timeouts.vm_start)
+        .unwrap_or_else(|e| panic!("floor: {e}"))
 }
 
 /// Rss and Pss of a process, in KiB (`/proc/<pid>/smaps_rollup`).
