@@ -49,6 +49,44 @@ async fn echo_and_exit_codes_match_runc() {
         None,
     );
     assert_eq!(out.stdout, runc.stdout, "same output as runc");
+
+    // The boot timeline: every step of the create, then the first output byte.
+    let log = std::fs::read_to_string(ctr.containerd_dir.join("containerd.log")).unwrap();
+    let field = |line: &str, key: &str| -> Option<u64> {
+        line.split(|c: char| c.is_whitespace() || c == '"')
+            .map(|w| w.strip_prefix("steps=").unwrap_or(w))
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    let timeline = log
+        .lines()
+        .rfind(|l| l.contains("create timeline id=e2e-echo "))
+        .expect("a create timeline line for e2e-echo");
+    for step in [
+        "bundle_ms",
+        "mounts_ms",
+        "network_ms",
+        "vm_ms",
+        "container_ms",
+        "stdio_ms",
+        "vm_prepare_ms",
+        "qemu_spawn_to_qmp_ms",
+        "qemu_spawn_to_ready_ms",
+        "guest_boot_to_ready_ms",
+    ] {
+        assert!(field(timeline, step).is_some(), "{step} in {timeline}");
+    }
+    let total = field(timeline, "total_ms").expect("total_ms");
+    let (qmp, ready) = (
+        field(timeline, "qemu_spawn_to_qmp_ms").unwrap_or(0),
+        field(timeline, "qemu_spawn_to_ready_ms").unwrap_or(0),
+    );
+    assert!(qmp > 0 && qmp < ready && ready < total, "{timeline}");
+    let first = log
+        .lines()
+        .rfind(|l| l.contains("first output id=e2e-echo "))
+        .expect("a first output line for e2e-echo");
+    let since = field(first, "since_create_ms").expect("since_create_ms");
+    assert!(since >= total, "first output after create: {first}");
     let _ = events.kill();
     let seen = events.wait_with_output().expect("ctr events output");
     let seen: Vec<String> = text(&seen.stdout)

@@ -107,6 +107,11 @@ async fn boot(id: &str, config: &Config) -> Result<()> {
         boot.guest_boot_to_ready_ms
     );
     println!(
+        "  host prepare (sockets, vhost-device-vsock): {} ms",
+        boot.host_prepare_ms
+    );
+    println!("  QEMU spawn to QMP:      {} ms", boot.host_spawn_to_qmp_ms);
+    println!(
         "  QEMU spawn to ready:    {} ms",
         boot.host_spawn_to_ready_ms
     );

@@ -262,7 +262,7 @@ pub fn work_dir(config: &Config, id: &str) -> PathBuf {
 /// Where a create's time went: each step's duration, logged as one `create timeline` line
 /// (the benchmark's boot breakdown reads it from containerd's log).
 pub struct Timeline {
-    started: std::time::Instant,
+    pub started: std::time::Instant,
     last: std::time::Instant,
     steps: Vec<(&'static str, u64)>,
 }
@@ -295,6 +295,8 @@ impl Timeline {
         tracing::info!(
             id = %id,
             steps = %steps.join(" "),
+            vm_prepare_ms = boot.host_prepare_ms,
+            qemu_spawn_to_qmp_ms = boot.host_spawn_to_qmp_ms,
             qemu_spawn_to_ready_ms = boot.host_spawn_to_ready_ms,
             guest_boot_to_ready_ms = boot.guest_boot_to_ready_ms,
             total_ms = total,
@@ -544,11 +546,14 @@ impl Container {
         let pumps = stdio::connect(
             &transport,
             spinbox_agent_api::DEFAULT_STDIO_PORT,
-            &opts.id,
-            "",
-            &opts.namespace,
+            &stdio::ProcessRef {
+                container_id: &opts.id,
+                exec_id: "",
+                namespace: &opts.namespace,
+            },
             &opts.stdio,
             config.timeouts.device_detection,
+            Some(stdio::FirstOutput::new(&opts.id, timeline.started)),
         )
         .await
         .map_err(|e| failed(P::Stdio, ContainerError::Stdio(e)))?;

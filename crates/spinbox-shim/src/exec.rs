@@ -67,11 +67,14 @@ impl Exec {
         let pumps = match crate::stdio::connect(
             transport,
             spinbox_agent_api::DEFAULT_STDIO_PORT,
-            container_id,
-            exec_id,
-            namespace,
+            &crate::stdio::ProcessRef {
+                container_id,
+                exec_id,
+                namespace,
+            },
             &stdio,
             connect_limit,
+            None,
         )
         .await
         {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use spinbox_agent_api::{stdio_header, StdioStream};
 use spinbox_vmm::vsock::VsockTransport;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 /// The stdio paths containerd gave for a process (empty = not wanted).
@@ -95,6 +95,74 @@ async fn open_stream(
     s.write_all(stdio_header(container_id, exec_id, which).as_bytes())
         .await?;
     Ok(s)
+}
+
+/// The process whose streams [`connect`] opens: its container, exec id ("" for the init) and
+/// containerd namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessRef<'a> {
+    pub container_id: &'a str,
+    pub exec_id: &'a str,
+    pub namespace: &'a str,
+}
+
+/// Read size of the output copies: the guest sends packets of up to 64 KiB.
+const OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// Logs, once per process, when its first output byte reached the host: the last step of
+/// the boot timeline (`first output id=… stream=… since_create_ms=…`).
+#[derive(Clone)]
+pub struct FirstOutput {
+    id: String,
+    since: std::time::Instant,
+    seen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FirstOutput {
+    /// For container `id`, whose create began at `since`.
+    pub fn new(id: &str, since: std::time::Instant) -> FirstOutput {
+        FirstOutput {
+            id: id.to_owned(),
+            since,
+            seen: Default::default(),
+        }
+    }
+
+    fn arrived(&self, stream: StdioStream) {
+        if !self.seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(
+                id = %self.id,
+                stream = stream.as_str(),
+                since_create_ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "first output"
+            );
+        }
+    }
+}
+
+/// Guest stream -> containerd's target until EOF, then a flush; returns the bytes copied.
+async fn copy_output<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut R,
+    out: &mut W,
+    which: StdioStream,
+    first: Option<FirstOutput>,
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; OUTPUT_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            out.flush().await?;
+            return Ok(total);
+        }
+        if total == 0 {
+            if let Some(f) = &first {
+                f.arrived(which);
+            }
+        }
+        out.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
 }
 
 /// A fifo's write end, with a read end of our own kept open beside it: a client that goes
@@ -341,12 +409,16 @@ async fn start_binary_logger(
 pub async fn connect(
     transport: &VsockTransport,
     port: u32,
-    container_id: &str,
-    exec_id: &str,
-    namespace: &str,
+    process: &ProcessRef<'_>,
     paths: &StdioPaths,
     limit: Duration,
+    first_output: Option<FirstOutput>,
 ) -> io::Result<StdioPumps> {
+    let ProcessRef {
+        container_id,
+        exec_id,
+        namespace,
+    } = *process;
     let mut pumps = StdioPumps::default();
     // containerd gives the same binary:// URI for stdout and stderr: one logger for both.
     let mut logger: Option<(Option<std::fs::File>, Option<std::fs::File>)> = None;
@@ -379,11 +451,9 @@ pub async fn connect(
         let mut stream = open_stream(transport, port, container_id, exec_id, which, limit)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{} stream: {e}", which.as_str())))?;
-        let handle = tokio::spawn(async move {
-            let n = tokio::io::copy(&mut stream, &mut out).await?;
-            out.flush().await?;
-            Ok(n)
-        });
+        let first = first_output.clone();
+        let handle =
+            tokio::spawn(async move { copy_output(&mut stream, &mut out, which, first).await });
         match which {
             StdioStream::Stdout => pumps.stdout = Some(handle),
             _ => pumps.stderr = Some(handle),

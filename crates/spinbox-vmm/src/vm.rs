@@ -93,6 +93,10 @@ pub struct BootInfo {
     pub kernel_release: String,
     /// Guest kernel start to agent serving, as the agent measured it.
     pub guest_boot_to_ready_ms: u64,
+    /// Start of [`Vm::start_in`] to QEMU spawned: sockets, vhost-device-vsock, the command line.
+    pub host_prepare_ms: u64,
+    /// QEMU spawn to its QMP greeting answered (the VMM is up; the guest is booting).
+    pub host_spawn_to_qmp_ms: u64,
     /// QEMU spawn to the first health answer, as the host measured it.
     pub host_spawn_to_ready_ms: u64,
     pub modules_loaded: Vec<String>,
@@ -565,6 +569,7 @@ impl Vm {
         host: &HostCaps,
         partial: &mut Partial,
     ) -> Result<Vm, VmError> {
+        let begun = Instant::now();
         let paths = &config.paths;
         let timeouts = &config.timeouts;
         let accel = resolve_accel(config.vm.accel, host);
@@ -763,6 +768,7 @@ impl Vm {
                 return Err(e.into());
             }
         };
+        let qmp_after = spawned_at.elapsed();
 
         // Readiness: first the agent's ready line on the console, then its health answer,
         // retried, all within timeouts.vm_start.
@@ -817,6 +823,8 @@ impl Vm {
             agent_version: health.agent_version.clone(),
             kernel_release: health.kernel_release.clone(),
             guest_boot_to_ready_ms: health.boot_to_ready_ms,
+            host_prepare_ms: ms(spawned_at.duration_since(begun)),
+            host_spawn_to_qmp_ms: ms(qmp_after),
             host_spawn_to_ready_ms: ms(ready_after),
             modules_loaded: health.modules_loaded.clone(),
             accel: accel.as_str(),

@@ -21,6 +21,10 @@ impl Samples {
         self.0.push(v);
     }
 
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn sorted(&self) -> Vec<f64> {
         let mut v = self.0.clone();
         v.sort_by(|a, b| a.total_cmp(b));
@@ -130,11 +134,16 @@ fn rss_pss(pid: u32) -> (u64, u64) {
     (field("Rss:"), field("Pss:"))
 }
 
-/// `create timeline` lines of containerd's log, by container id: step → ms.
+/// The shim's `create timeline` lines in containerd's log, by container id: step → ms; a
+/// `first output` line adds `first_output` (ms from the create's start to the first byte).
 fn timelines(log: &Path) -> HashMap<String, Vec<(String, u64)>> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut out = HashMap::new();
-    for line in text.lines().filter(|l| l.contains("create timeline")) {
+    let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+    for line in text.lines() {
+        let first_output = line.contains("first output");
+        if !first_output && !line.contains("create timeline") {
+            continue;
+        }
         let mut id = None;
         let mut steps = Vec::new();
         for word in line.split(|c: char| c.is_whitespace() || c == '"') {
@@ -145,12 +154,16 @@ fn timelines(log: &Path) -> HashMap<String, Vec<(String, u64)>> {
             };
             if k == "id" {
                 id = Some(v.to_owned());
+            } else if first_output {
+                if let ("since_create_ms", Ok(n)) = (k, v.parse::<u64>()) {
+                    steps.push(("first_output".to_owned(), n));
+                }
             } else if let (Some(step), Ok(n)) = (k.strip_suffix("_ms"), v.parse::<u64>()) {
                 steps.push((step.to_owned(), n));
             }
         }
         if let Some(id) = id {
-            out.insert(id, steps);
+            out.entry(id).or_default().extend(steps);
         }
     }
     out
@@ -512,6 +525,21 @@ fn main() {
              Start, the process, Delete and the VM's shutdown; floor median {:.0} ms)",
             f_cold.median()
         );
+        // `true` prints nothing: the stdout runs show when a container's first byte arrives.
+        let mut first = Samples::default();
+        for (id, steps) in &all {
+            if id.starts_with("bench-out-s") {
+                if let Some((_, n)) = steps.iter().find(|(s, _)| s == "first_output") {
+                    first.push(*n as f64);
+                }
+            }
+        }
+        if !first.is_empty() {
+            println!(
+                "first output (stdout runs), from the start of Create to the first byte at the shim: {}",
+                first.show("ms")
+            );
+        }
     } else {
         println!("\n(no `create timeline` lines found in {})", log.display());
     }
@@ -530,7 +558,9 @@ mod tests {
             "time=\"x\" level=info msg=\"create timeline id=bench-cold-s0 steps=bundle_ms=0 \
              state_ms=1 mounts_ms=16 network_ms=140 vm_ms=1733 container_ms=238 stdio_ms=1 \
              qemu_spawn_to_ready_ms=1723 guest_boot_to_ready_ms=1461 total_ms=2131\"\n\
-             time=\"y\" level=info msg=\"rootfs prepared id=t1\"\n",
+             time=\"y\" level=info msg=\"rootfs prepared id=t1\"\n\
+             time=\"z\" level=info msg=\"first output\" id=bench-cold-s0 stream=stdout \
+             since_create_ms=2140\n",
         )
         .unwrap();
         let t = timelines(&log);
@@ -538,6 +568,7 @@ mod tests {
         assert_eq!(steps[0], ("bundle".to_string(), 0));
         assert!(steps.contains(&("vm".to_string(), 1733)));
         assert!(steps.contains(&("total".to_string(), 2131)));
+        assert_eq!(steps.last(), Some(&("first_output".to_string(), 2140)));
         assert_eq!(t.len(), 1);
     }
 
