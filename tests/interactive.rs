@@ -454,41 +454,71 @@ async fn update_changes_the_cgroup_limit_and_refuses_more_than_the_vm_has() {
     ctr.assert_clean();
 }
 
-/// `ctr run -t` in a real terminal (tmux): an interactive `sh` whose typed input echoes, and
-/// whose `stty size` follows a resize of the terminal (SIGWINCH → ResizePty → the guest pty).
-#[tokio::test]
-async fn tty_shell_echoes_input_and_follows_resizes() {
-    let Some(ctr) = Ctr::from_env() else { return };
-    let _serial = VM_TESTS.lock().await;
-    let session = format!("spinbox-tty-{}", std::process::id());
-    let tmux = |args: &[&str]| {
+/// A detached tmux session (80x24) whose first window runs a command: the real terminal that
+/// `ctr run -t` and `ctr task attach` need. Killed on drop, so a failed test leaves no session.
+struct Tmux {
+    session: String,
+}
+
+impl Tmux {
+    fn start(name: &str, command: &str) -> Tmux {
+        let tmux = Tmux {
+            session: format!("spinbox-{name}-{}", std::process::id()),
+        };
+        let out = tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            &tmux.session,
+            "-x",
+            "80",
+            "-y",
+            "24",
+            command,
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new("tmux")
             .args(args)
             .output()
             .expect("tmux (apt-get install tmux)")
-    };
-    let command = format!(
-        "ctr --address {} run -t --rm --runtime {RUNTIME} {IMAGE} ix-tty sh",
-        ctr.address
-    );
-    let out = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "80",
-        "-y",
-        "24",
-        &command,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let screen = || text(&tmux(&["capture-pane", "-p", "-t", &session]).stdout);
-    let wait_screen = |needle: String| async move {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    }
+
+    /// The session's active window, or `session:window`.
+    fn target(&self, window: Option<u32>) -> String {
+        match window {
+            Some(w) => format!("{}:{w}", self.session),
+            None => self.session.clone(),
+        }
+    }
+
+    fn new_window(&self, window: Option<u32>, command: &str) {
+        let out = self.run(&["new-window", "-t", &self.target(window), command]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
+    /// Types `line` and Enter.
+    fn type_line(&self, window: Option<u32>, line: &str) {
+        self.run(&["send-keys", "-t", &self.target(window), line, "Enter"]);
+    }
+
+    fn screen(&self, window: Option<u32>) -> String {
+        text(
+            &self
+                .run(&["capture-pane", "-p", "-t", &self.target(window)])
+                .stdout,
+        )
+    }
+
+    /// Waits up to `limit` for `needle` on the window's screen and returns the screen.
+    async fn wait_screen(&self, window: Option<u32>, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
         loop {
-            let s = screen();
-            if s.contains(&needle) {
+            let s = self.screen(window);
+            if s.contains(needle) {
                 return s;
             }
             assert!(
@@ -497,48 +527,74 @@ async fn tty_shell_echoes_input_and_follows_resizes() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    };
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-session", "-t", &self.session]);
+    }
+}
+
+/// `ctr run -t` in a real terminal (tmux): an interactive `sh` whose typed input echoes, and
+/// whose `stty size` follows a resize of the terminal (SIGWINCH → ResizePty → the guest pty).
+#[tokio::test]
+async fn tty_shell_echoes_input_and_follows_resizes() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let tmux = Tmux::start(
+        "tty",
+        &format!(
+            "ctr --address {} run -t --rm --runtime {RUNTIME} {IMAGE} ix-tty sh",
+            ctr.address
+        ),
+    );
+    let limit = Duration::from_secs(30);
     // The shell's prompt, then typed input echoed by the guest's terminal.
-    wait_screen("#".into()).await;
-    tmux(&["send-keys", "-t", &session, "echo typed-$((6*7))", "Enter"]);
-    wait_screen("typed-42".into()).await;
-    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_screen("24 80".into()).await;
-    tmux(&["resize-window", "-t", &session, "-x", "100", "-y", "30"]);
+    tmux.wait_screen(None, "#", limit).await;
+    tmux.type_line(None, "echo typed-$((6*7))");
+    tmux.wait_screen(None, "typed-42", limit).await;
+    tmux.type_line(None, "stty size");
+    tmux.wait_screen(None, "24 80", limit).await;
+    tmux.run(&[
+        "resize-window",
+        "-t",
+        &tmux.session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+    ]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_screen("30 100".into()).await;
+    tmux.type_line(None, "stty size");
+    tmux.wait_screen(None, "30 100", limit).await;
 
     // `ctr task exec -t` into it: a second terminal, sized like its window.
-    let exec = format!(
-        "ctr --address {} task exec -t --exec-id ix-tty-exec ix-tty sh",
-        ctr.address
+    tmux.new_window(
+        None,
+        &format!(
+            "ctr --address {} task exec -t --exec-id ix-tty-exec ix-tty sh",
+            ctr.address
+        ),
     );
-    let out = tmux(&["new-window", "-t", &session, &exec]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    wait_screen("#".into()).await;
-    tmux(&[
-        "send-keys",
-        "-t",
-        &session,
-        "echo in-exec-$((2*21)); stty size",
-        "Enter",
-    ]);
-    wait_screen("in-exec-42".into()).await;
+    tmux.wait_screen(None, "#", limit).await;
+    tmux.type_line(None, "echo in-exec-$((2*21)); stty size");
+    tmux.wait_screen(None, "in-exec-42", limit).await;
     let size = text(
-        &tmux(&[
-            "display-message",
-            "-p",
-            "-t",
-            &session,
-            "#{window_height} #{window_width}",
-        ])
-        .stdout,
+        &tmux
+            .run(&[
+                "display-message",
+                "-p",
+                "-t",
+                &tmux.session,
+                "#{window_height} #{window_width}",
+            ])
+            .stdout,
     );
-    wait_screen(size.trim().to_owned()).await;
-    tmux(&["send-keys", "-t", &session, "exit", "Enter"]);
+    tmux.wait_screen(None, size.trim(), limit).await;
+    tmux.type_line(None, "exit");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while text(&tmux(&["list-windows", "-t", &session]).stdout)
+    while text(&tmux.run(&["list-windows", "-t", &tmux.session]).stdout)
         .lines()
         .count()
         > 1
@@ -546,13 +602,13 @@ async fn tty_shell_echoes_input_and_follows_resizes() {
         assert!(Instant::now() < deadline, "the exec's window never closed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tmux(&["send-keys", "-t", &session, "exit", "Enter"]);
+    tmux.type_line(None, "exit");
     let deadline = Instant::now() + Duration::from_secs(20);
     while ctr.task_line("ix-tty").is_some() {
         assert!(Instant::now() < deadline, "ix-tty still listed after exit");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tmux(&["kill-session", "-t", &session]);
+    drop(tmux);
     ctr.assert_clean();
 }
 
@@ -562,30 +618,14 @@ async fn tty_shell_echoes_input_and_follows_resizes() {
 async fn detached_tty_container_can_be_attached_again() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
-    let session = format!("spinbox-attach-{}", std::process::id());
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .args(args)
-            .output()
-            .expect("tmux (apt-get install tmux)")
-    };
     // `ctr run -t` wants a terminal even when detaching: give it one, and keep the window.
-    let run = format!(
-        "ctr --address {} run -d -t --runtime {RUNTIME} {IMAGE} ix-attach sh; sleep 600",
-        ctr.address
+    let tmux = Tmux::start(
+        "attach",
+        &format!(
+            "ctr --address {} run -d -t --runtime {RUNTIME} {IMAGE} ix-attach sh; sleep 600",
+            ctr.address
+        ),
     );
-    let out = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "80",
-        "-y",
-        "24",
-        &run,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
     {
         let _c = Detached {
             ctr: &ctr,
@@ -600,34 +640,18 @@ async fn detached_tty_container_can_be_attached_again() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for (round, n) in [(1, 11), (2, 22)] {
-            let window = format!("{session}:{round}");
-            let attach = format!(
-                "ctr --address {} task attach ix-attach; sleep 600",
-                ctr.address
+            tmux.new_window(
+                Some(round),
+                &format!(
+                    "ctr --address {} task attach ix-attach; sleep 600",
+                    ctr.address
+                ),
             );
-            let out = tmux(&["new-window", "-t", &format!("{session}:{round}"), &attach]);
-            assert!(out.status.success(), "{}", text(&out.stderr));
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            tmux(&[
-                "send-keys",
-                "-t",
-                &window,
-                &format!("echo round-$(({n}*2))"),
-                "Enter",
-            ]);
+            tmux.type_line(Some(round), &format!("echo round-$(({n}*2))"));
             let want = format!("round-{}", n * 2);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let screen = text(&tmux(&["capture-pane", "-p", "-t", &window]).stdout);
-                if screen.contains(&want) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "attach {round}: {want:?} never shown:\n{screen}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            tmux.wait_screen(Some(round), &want, Duration::from_secs(20))
+                .await;
             // Detach by killing the client.
             let _ = Command::new("pkill")
                 .args(["-KILL", "-f", "task attach ix-attach"])
@@ -640,6 +664,6 @@ async fn detached_tty_container_can_be_attached_again() {
             );
         }
     }
-    tmux(&["kill-session", "-t", &session]);
+    drop(tmux);
     ctr.assert_clean();
 }

@@ -842,30 +842,26 @@ impl Container {
         self.paused.load(Ordering::Acquire)
     }
 
-    /// Freezes every process of the container (cgroup freezer in the guest).
-    pub async fn pause(&self) -> Result<(), ContainerError> {
+    /// Freezes (`true`, Pause) or thaws (`false`, Resume) every process of the container with
+    /// the cgroup freezer in the guest.
+    pub async fn set_frozen(&self, frozen: bool) -> Result<(), ContainerError> {
         self.running_vm()?;
-        self.agent
-            .pause_container(
-                ctx(self.config.timeouts.qmp_command * 2),
-                &process(&self.id),
-            )
-            .await
-            .map_err(|e| agent_err("PauseContainer", e))?;
-        self.paused.store(true, Ordering::Release);
-        Ok(())
-    }
-
-    pub async fn resume(&self) -> Result<(), ContainerError> {
-        self.running_vm()?;
-        self.agent
-            .resume_container(
-                ctx(self.config.timeouts.qmp_command * 2),
-                &process(&self.id),
-            )
-            .await
-            .map_err(|e| agent_err("ResumeContainer", e))?;
-        self.paused.store(false, Ordering::Release);
+        let ctx = ctx(self.config.timeouts.qmp_command * 2);
+        let req = process(&self.id);
+        if frozen {
+            self.agent.pause_container(ctx, &req).await
+        } else {
+            self.agent.resume_container(ctx, &req).await
+        }
+        .map_err(|e| {
+            let rpc = if frozen {
+                "PauseContainer"
+            } else {
+                "ResumeContainer"
+            };
+            agent_err(rpc, e)
+        })?;
+        self.paused.store(frozen, Ordering::Release);
         Ok(())
     }
 

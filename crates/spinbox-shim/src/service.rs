@@ -562,7 +562,7 @@ impl Task for TaskService {
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
         let c = self.get(&req.id).await?;
-        c.pause().await.map_err(to_ttrpc)?;
+        c.set_frozen(true).await.map_err(to_ttrpc)?;
         let mut ev = TaskPaused::new();
         ev.container_id = c.id.clone();
         self.shared
@@ -573,7 +573,7 @@ impl Task for TaskService {
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
         let c = self.get(&req.id).await?;
-        c.resume().await.map_err(to_ttrpc)?;
+        c.set_frozen(false).await.map_err(to_ttrpc)?;
         let mut ev = TaskResumed::new();
         ev.container_id = c.id.clone();
         self.shared

@@ -61,7 +61,15 @@ fn env_num(key: &str, default: u64) -> u64 {
 }
 
 /// `ctr run --rm` to completion; the wall time. Panics (ends the bench) if it fails.
-fn run_rm(ctr: &Ctr, runtime: &str, id: &str, cmd: &[&str], stdout: Stdio) -> Duration {
+/// `ctr run --rm` of `cmd` in IMAGE: the wall time, and the output (stdout is captured when
+/// `stdout` is `Stdio::piped()`). Panics if the run failed.
+fn run_rm(
+    ctr: &Ctr,
+    runtime: &str,
+    id: &str,
+    cmd: &[&str],
+    stdout: Stdio,
+) -> (Duration, std::process::Output) {
     let mut args = vec!["run", "--rm", "--runtime", runtime, IMAGE, id];
     args.extend_from_slice(cmd);
     let started = Instant::now();
@@ -79,7 +87,7 @@ fn run_rm(ctr: &Ctr, runtime: &str, id: &str, cmd: &[&str], stdout: Stdio) -> Du
         "{runtime} {id}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    took
+    (took, out)
 }
 
 fn run_detached(ctr: &Ctr, runtime: &str, id: &str, cmd: &[&str]) {
@@ -192,8 +200,8 @@ fn main() {
     let mut rows = Vec::new();
 
     // Warm-up: the image's layer images, page cache, both runtimes' binaries.
-    run_rm(&ctr, RUNTIME, "bench-warm-s", &["true"], Stdio::null());
-    run_rm(&ctr, RUNC, "bench-warm-r", &["true"], Stdio::null());
+    let _ = run_rm(&ctr, RUNTIME, "bench-warm-s", &["true"], Stdio::null());
+    let _ = run_rm(&ctr, RUNC, "bench-warm-r", &["true"], Stdio::null());
     floor(&config, scratch.path());
 
     // Cold start, alternating.
@@ -207,14 +215,16 @@ fn main() {
             &format!("bench-cold-s{i}"),
             &["true"],
             Stdio::null(),
-        )));
+        )
+        .0));
         r_cold.push(ms(run_rm(
             &ctr,
             RUNC,
             &format!("bench-cold-r{i}"),
             &["true"],
             Stdio::null(),
-        )));
+        )
+        .0));
         f_cold.push(ms(floor(&config, scratch.path())));
     }
     let floor_ratio = s_cold.median() / f_cold.median();
@@ -293,7 +303,7 @@ fn main() {
         ] {
             let path = scratch.path().join(format!("out-{tag}{i}"));
             let file = std::fs::File::create(&path).expect("output file");
-            let took = run_rm(
+            let (took, _) = run_rm(
                 &ctr,
                 runtime,
                 &format!("bench-out-{tag}{i}"),
@@ -306,24 +316,12 @@ fn main() {
             samples.push(stdout_mib as f64 / secs);
             let _ = std::fs::remove_file(&path);
         }
-        let out = ctr.run(
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
-                IMAGE,
-                &format!("bench-ceiling{i}"),
-                "sh",
-                "-c",
-                &ceiling_script,
-            ],
-            None,
-        );
-        assert!(
-            out.status.success(),
-            "ceiling: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let (_, out) = run_rm(
+            &ctr,
+            RUNTIME,
+            &format!("bench-ceiling{i}"),
+            &["sh", "-c", &ceiling_script],
+            Stdio::piped(),
         );
         let secs = guest_interval(&String::from_utf8_lossy(&out.stdout))
             .unwrap_or_else(|| panic!("ceiling: unexpected output {:?}", out.stdout));
@@ -463,14 +461,16 @@ fn main() {
             &format!("bench-new{i}"),
             &["true"],
             Stdio::null(),
-        )));
+        )
+        .0));
         cached.push(ms(run_rm(
             &ctr,
             RUNTIME,
             &format!("bench-cached{i}"),
             &["true"],
             Stdio::null(),
-        )));
+        )
+        .0));
     }
     rows.push(Row {
         what: "start, new image vs cached layers".into(),
