@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use spinbox_agent_api::{stdio_header, StdioStream};
 use spinbox_vmm::vsock::VsockTransport;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 /// The stdio paths containerd gave for a process (empty = not wanted).
@@ -106,9 +106,6 @@ pub struct ProcessRef<'a> {
     pub namespace: &'a str,
 }
 
-/// Read size of the output copies: the guest sends packets of up to 64 KiB.
-const OUTPUT_CHUNK: usize = 64 * 1024;
-
 /// Logs, once per process, when its first output byte reached the host: the last step of
 /// the boot timeline (`first output id=… stream=… since_create_ms=…`).
 #[derive(Clone)]
@@ -140,28 +137,28 @@ impl FirstOutput {
     }
 }
 
-/// Guest stream -> containerd's target until EOF, then a flush; returns the bytes copied.
-async fn copy_output<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + ?Sized>(
-    stream: &mut R,
-    out: &mut W,
-    which: StdioStream,
-    first: Option<FirstOutput>,
-) -> io::Result<u64> {
-    let mut buf = vec![0u8; OUTPUT_CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            out.flush().await?;
-            return Ok(total);
-        }
-        if total == 0 {
-            if let Some(f) = &first {
-                f.arrived(which);
+/// A guest stream that reports its first byte to a [`FirstOutput`]. The copy itself stays
+/// `tokio::io::copy`, which keeps reading from the guest while a write to containerd's fifo
+/// waits (a read-then-write loop measured slower: the guest stalls on credit meanwhile).
+struct FirstByte<R> {
+    inner: R,
+    report: Option<(FirstOutput, StdioStream)>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for FirstByte<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            if let Some((first, stream)) = self.report.take() {
+                first.arrived(stream);
             }
         }
-        out.write_all(&buf[..n]).await?;
-        total += n as u64;
+        polled
     }
 }
 
@@ -448,12 +445,18 @@ pub async fn connect(
                 Box::new(tokio::net::unix::pipe::Sender::from_file(file)?)
             }
         };
-        let mut stream = open_stream(transport, port, container_id, exec_id, which, limit)
+        let stream = open_stream(transport, port, container_id, exec_id, which, limit)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{} stream: {e}", which.as_str())))?;
-        let first = first_output.clone();
-        let handle =
-            tokio::spawn(async move { copy_output(&mut stream, &mut out, which, first).await });
+        let mut stream = FirstByte {
+            inner: stream,
+            report: first_output.clone().map(|f| (f, which)),
+        };
+        let handle = tokio::spawn(async move {
+            let n = tokio::io::copy(&mut stream, &mut out).await?;
+            out.flush().await?;
+            Ok(n)
+        });
         match which {
             StdioStream::Stdout => pumps.stdout = Some(handle),
             _ => pumps.stderr = Some(handle),
