@@ -416,6 +416,33 @@ async fn user_groups_from_a_full_spec_and_read_only_rootfs_match_runc() {
     ctr.assert_clean();
 }
 
+/// `--privileged` (Kubernetes' privileged pods get the same spec unless the runtime class sets
+/// privileged_without_host_devices): every capability, and the host's device list — /dev/ptmx
+/// among it — which the guest must not let break the container's own /dev/ptmx -> pts/ptmx.
+#[tokio::test]
+async fn privileged_container_matches_runc() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let probe = [
+        "sh",
+        "-c",
+        "grep -E '^Cap(Eff|Bnd)' /proc/self/status; ls -l /dev/ptmx | cut -c1; \
+         [ -c /dev/null ] && echo null; mkdir -p /mnt/t && mount -t tmpfs tmpfs /mnt/t && echo mounted",
+    ];
+    let out = ctr.run_container(RUNTIME, "e2e-priv", &["--privileged"], &probe, None);
+    let runc = ctr.run_container(RUNC, "e2e-priv-runc", &["--privileged"], &probe, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(runc.status.success(), "{}", text(&runc.stderr));
+    let seen = text(&out.stdout);
+    assert!(seen.ends_with("\nl\nnull\nmounted\n"), "{seen}");
+    assert_eq!(
+        seen,
+        text(&runc.stdout),
+        "same capabilities and /dev as runc"
+    );
+    ctr.assert_clean();
+}
+
 /// A shim killed with SIGKILL takes its VM with it (parent-death signal); containerd then runs
 /// `containerd-shim-spinbox-v2 delete`, which reclaims what the record names; the same id runs
 /// again at once.

@@ -384,7 +384,14 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
 
     let mut devices = Vec::new();
     for d in &linux.devices {
-        devices.push(device_plan(d)?);
+        let plan = device_plan(d)?;
+        // A /dev the agent populates gets /dev/ptmx -> pts/ptmx, the container's own devpts
+        // instance, which replaces a ptmx node from the spec (as runc does). `--privileged`
+        // lists the host's /dev/ptmx among its devices.
+        if populate_dev && plan.path == "/dev/ptmx" {
+            continue;
+        }
+        devices.push(plan);
     }
 
     for key in linux.sysctl.keys() {
@@ -847,6 +854,33 @@ mod tests {
                 .contains("type")
         );
         assert!(parse_spec(b"not json").is_err());
+    }
+
+    #[test]
+    fn a_ptmx_device_yields_to_the_devpts_symlink_only_on_a_populated_dev() {
+        let with_ptmx = SPEC.replace(
+            r#""devices": [{"type": "c", "path": "/dev/fuse""#,
+            r#""devices": [{"type": "c", "path": "/dev/ptmx", "major": 5, "minor": 2},
+                           {"type": "c", "path": "/dev/fuse""#,
+        );
+        let spec = parse_spec(with_ptmx.as_bytes()).unwrap();
+        let p = plan("c1", &spec, &ctx("/run/c1/rootfs", false)).unwrap();
+        assert!(p.init.populate_dev);
+        let paths: Vec<&str> = p.init.devices.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(paths, vec!["/dev/fuse"], "the symlink to pts/ptmx wins");
+
+        // /dev bound from elsewhere is not populated: the node is made as the spec says.
+        let bound_dev = with_ptmx.replace(
+            r#"{"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},"#,
+            r#"{"destination": "/dev", "type": "bind", "source": "/guest/data", "options": ["rbind"]},"#,
+        );
+        assert_ne!(bound_dev, with_ptmx);
+        let spec = parse_spec(bound_dev.as_bytes()).unwrap();
+        let p = plan("c1", &spec, &ctx("/run/c1/rootfs", false)).unwrap();
+        assert!(!p.init.populate_dev);
+        let paths: Vec<&str> = p.init.devices.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(paths, vec!["/dev/ptmx", "/dev/fuse"]);
     }
 
     #[test]
