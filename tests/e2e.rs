@@ -443,6 +443,50 @@ async fn privileged_container_matches_runc() {
     ctr.assert_clean();
 }
 
+/// What the guest does not apply as the spec says is logged in containerd's log, by container:
+/// a seccomp profile (the VM is the boundary) and a bind mount of a host directory (none is
+/// shared with the VM).
+#[tokio::test]
+async fn unapplied_spec_parts_are_logged_by_the_shim() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        dir.path().display()
+    );
+    let out = ctr.run_container(
+        RUNTIME,
+        "e2e-warn",
+        &["--seccomp", "--mount", &mount],
+        &["sh", "-c", "[ -e /data ] && echo data || echo no-data"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "no-data\n");
+    let log = std::fs::read_to_string(ctr.containerd_dir.join("containerd.log")).unwrap();
+    let warned = |needle: &str| {
+        log.lines().any(|l| {
+            l.contains("level=warn")
+                && l.contains("id=e2e-warn")
+                && l.contains("spec not applied as written")
+                && l.contains(needle)
+        })
+    };
+    assert!(
+        warned("linux.seccomp ignored"),
+        "seccomp warning in the log"
+    );
+    assert!(
+        warned(&format!(
+            "mount /data: bind source \"{}\" is not in the guest",
+            dir.path().display()
+        )),
+        "mount warning in the log"
+    );
+    ctr.assert_clean();
+}
+
 /// A shim killed with SIGKILL takes its VM with it (parent-death signal); containerd then runs
 /// `containerd-shim-spinbox-v2 delete`, which reclaims what the record names; the same id runs
 /// again at once.

@@ -94,9 +94,10 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        let pid = self.containers.create(req).await?;
+        let (pid, warnings) = self.containers.create(req).await?;
         Ok(CreateContainerResponse {
             pid,
+            warnings,
             ..Default::default()
         })
     }

@@ -540,6 +540,9 @@ impl Container {
             .await
             .map_err(|e| failed(P::Container, agent_err("CreateContainer", e)))?;
         tracing::info!(id = %opts.id, pid = created.pid, "container created in the guest");
+        for warning in &created.warnings {
+            tracing::warn!(id = %opts.id, "spec not applied as written: {warning}");
+        }
 
         // Stdio.
         timeline.mark("container");

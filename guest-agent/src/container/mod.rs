@@ -196,8 +196,8 @@ impl Manager {
             .ok_or_else(|| RpcError::new(Code::NOT_FOUND, format!("container {id:?} not found")))
     }
 
-    /// CreateContainer: returns the init's pid.
-    pub async fn create(&self, req: CreateContainerRequest) -> RpcResult<u32> {
+    /// CreateContainer: returns the init's pid and the plan's warnings.
+    pub async fn create(&self, req: CreateContainerRequest) -> RpcResult<(u32, Vec<String>)> {
         let id = req.container_id.clone();
         rootfs::validate_id(&id)
             .map_err(|e| RpcError::new(Code::INVALID_ARGUMENT, e.to_string()))?;
@@ -214,16 +214,19 @@ impl Manager {
         let result = self.create_inner(&req).await;
         let mut st = lock(&self.state);
         st.creating.remove(&id);
-        let container =
+        let (container, warnings) =
             result.inspect_err(|e| warning!("container {id}: create failed: {}", e.message))?;
         let pid = container.pid;
         ops::on_created(&container);
         st.containers.insert(id.clone(), container);
         info!("container {id}: created (pid {pid})");
-        Ok(u32::try_from(pid).unwrap_or(0))
+        Ok((u32::try_from(pid).unwrap_or(0), warnings))
     }
 
-    async fn create_inner(&self, req: &CreateContainerRequest) -> RpcResult<Arc<Container>> {
+    async fn create_inner(
+        &self,
+        req: &CreateContainerRequest,
+    ) -> RpcResult<(Arc<Container>, Vec<String>)> {
         let id = req.container_id.as_str();
         let invalid = |e: anyhow::Error| {
             RpcError::new(Code::INVALID_ARGUMENT, format!("container {id:?}: {e:#}"))
@@ -288,7 +291,7 @@ impl Manager {
             debug!("container {id}: {} file copies written", req.files.len());
         }
         match self.launch(id, req, &plan, &mut rollback).await {
-            Ok(c) => Ok(c),
+            Ok(c) => Ok((c, plan.warnings)),
             Err(e) => {
                 rollback.run().await;
                 Err(e)

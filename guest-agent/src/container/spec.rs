@@ -40,6 +40,8 @@ pub struct Process {
     pub rlimits: Vec<Rlimit>,
     pub no_new_privileges: bool,
     pub oom_score_adj: Option<i32>,
+    pub apparmor_profile: Option<String>,
+    pub selinux_label: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +99,7 @@ pub struct Linux {
     pub readonly_paths: Vec<String>,
     pub sysctl: BTreeMap<String, String>,
     pub devices: Vec<Device>,
+    pub seccomp: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -309,6 +312,7 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
     let process = process_plan(process, &mut warnings)?;
     let empty_linux = Linux::default();
     let linux = spec.linux.as_ref().unwrap_or(&empty_linux);
+    warnings.extend(unenforced_confinement(spec, linux));
     if !linux.uid_mappings.is_empty() {
         bail!("user namespaces (linux.uidMappings) are not supported yet");
     }
@@ -370,7 +374,7 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
                 plan.source = copy.to_string();
             } else if !(ctx.source_exists)(&plan.source) {
                 warnings.push(format!(
-                    "mount {}: bind source {:?} does not exist in the guest; skipped",
+                    "mount {}: bind source {:?} is not in the guest (no host directory is shared with the VM); skipped",
                     m.destination, plan.source
                 ));
                 continue;
@@ -624,6 +628,35 @@ pub fn mount_plan(m: &Mount) -> Result<MountPlan> {
     })
 }
 
+/// What a spec asks for that the guest does not enforce: a seccomp profile (the VM, not a
+/// syscall filter, is the boundary between the container and the host, as with Kata's default
+/// `disable_guest_seccomp`), and AppArmor or SELinux labels (the guest kernel runs neither).
+fn unenforced_confinement(spec: &Spec, linux: &Linux) -> Vec<String> {
+    let mut out = Vec::new();
+    if linux.seccomp.as_ref().is_some_and(|s| !s.is_null()) {
+        out.push(
+            "linux.seccomp ignored: the guest applies no seccomp filter (the VM is the isolation boundary)"
+                .to_string(),
+        );
+    }
+    let process = spec.process.as_ref();
+    if let Some(p) = process.and_then(|p| p.apparmor_profile.as_deref()) {
+        if !p.is_empty() {
+            out.push(format!(
+                "process.apparmorProfile {p:?} ignored: the guest has no AppArmor"
+            ));
+        }
+    }
+    if let Some(l) = process.and_then(|p| p.selinux_label.as_deref()) {
+        if !l.is_empty() {
+            out.push(format!(
+                "process.selinuxLabel {l:?} ignored: the guest has no SELinux"
+            ));
+        }
+    }
+    out
+}
+
 fn device_plan(d: &Device) -> Result<DevicePlan> {
     let kind = match d.kind.as_str() {
         "c" | "u" => libc::S_IFCHR,
@@ -854,6 +887,36 @@ mod tests {
                 .contains("type")
         );
         assert!(parse_spec(b"not json").is_err());
+    }
+
+    #[test]
+    fn unenforced_seccomp_and_lsm_labels_are_warned_about() {
+        let spec = parse_spec(SPEC.as_bytes()).unwrap();
+        let p = plan("c1", &spec, &ctx("/run/c1/rootfs", false)).unwrap();
+        assert!(!p.warnings.iter().any(|w| w.contains("seccomp")));
+        let confined = SPEC
+            .replace(
+                r#""noNewPrivileges": true"#,
+                r#""noNewPrivileges": true, "apparmorProfile": "cri-containerd.apparmor.d",
+                   "selinuxLabel": "system_u:system_r:container_t:s0""#,
+            )
+            .replace(
+                r#""maskedPaths""#,
+                r#""seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []}, "maskedPaths""#,
+            );
+        let spec = parse_spec(confined.as_bytes()).unwrap();
+        let p = plan("c1", &spec, &ctx("/run/c1/rootfs", false)).unwrap();
+        for needle in [
+            "linux.seccomp ignored",
+            "process.apparmorProfile \"cri-containerd.apparmor.d\" ignored",
+            "process.selinuxLabel \"system_u:system_r:container_t:s0\" ignored",
+        ] {
+            assert!(
+                p.warnings.iter().any(|w| w.starts_with(needle)),
+                "{needle}: {:?}",
+                p.warnings
+            );
+        }
     }
 
     #[test]
