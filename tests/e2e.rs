@@ -443,6 +443,44 @@ async fn privileged_container_matches_runc() {
     ctr.assert_clean();
 }
 
+/// A small host directory bound read-only (how Kubernetes mounts secrets, config maps and
+/// service account tokens: a timestamped directory, a `..data` link, links to its files) is
+/// copied into the guest and reads as under runc; writing to it fails as under runc.
+#[tokio::test]
+async fn read_only_directory_binds_arrive_as_copies() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let v = dir.path().join("..2026_11_23_01_00_00.1");
+    std::fs::create_dir_all(v.join("nested")).unwrap();
+    std::fs::write(v.join("token"), b"t0k3n").unwrap();
+    std::fs::write(v.join("nested/ca.crt"), b"-----BEGIN CERTIFICATE-----\n").unwrap();
+    std::os::unix::fs::symlink("..2026_11_23_01_00_00.1", dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/token", dir.path().join("token")).unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/var/run/secrets/sa,options=rbind:ro",
+        dir.path().display()
+    );
+    let probe = [
+        "sh",
+        "-c",
+        "cd /var/run/secrets/sa && cat token && echo && cat ..data/nested/ca.crt && ls -a && \
+         readlink token && (echo x > token) 2>/dev/null || echo read-only",
+    ];
+    let out = ctr.run_container(RUNTIME, "e2e-rodir", &["--mount", &mount], &probe, None);
+    let runc = ctr.run_container(RUNC, "e2e-rodir-runc", &["--mount", &mount], &probe, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen = text(&out.stdout);
+    assert!(
+        seen.starts_with("t0k3n\n-----BEGIN CERTIFICATE-----\n"),
+        "{seen}"
+    );
+    assert!(seen.ends_with("..data/token\nread-only\n"), "{seen}");
+    assert_eq!(seen, text(&runc.stdout), "the same tree as under runc");
+    assert_eq!(std::fs::read(v.join("token")).unwrap(), b"t0k3n");
+    ctr.assert_clean();
+}
+
 /// What the guest does not apply as the spec says is logged in containerd's log, by container:
 /// a seccomp profile (the VM is the boundary) and a bind mount of a host directory (none is
 /// shared with the VM).

@@ -1024,10 +1024,6 @@ struct Bundle {
     files: Vec<FileCopy>,
 }
 
-/// Host files a bind mount may bring into the guest as copies: how many, how large each.
-const MAX_FILE_COPIES: usize = 16;
-const MAX_FILE_COPY_BYTES: u64 = 1 << 20;
-
 /// The network namespace `linux.namespaces` asks for.
 fn spec_netns(spec: &serde_json::Value) -> spinbox_net::SpecNetns {
     let entry = spec["linux"]["namespaces"]
@@ -1042,50 +1038,6 @@ fn spec_netns(spec: &serde_json::Value) -> spinbox_net::SpecNetns {
             _ => spinbox_net::SpecNetns::New,
         },
     }
-}
-
-/// Copies of the small host files that bind mounts of the spec name (resolv.conf, hosts,
-/// hostname as CRI and nerdctl give them): the guest serves the mounts from the copies.
-async fn file_copies(spec: &serde_json::Value) -> Vec<FileCopy> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut out: Vec<FileCopy> = Vec::new();
-    for m in spec["mounts"].as_array().into_iter().flatten() {
-        let is_bind = m["type"] == "bind"
-            || m["options"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|o| o == "bind" || o == "rbind");
-        let Some(source) = m["source"].as_str() else {
-            continue;
-        };
-        if !is_bind || !source.starts_with('/') || out.iter().any(|f| f.source == source) {
-            continue;
-        }
-        let Ok(meta) = tokio::fs::metadata(source).await else {
-            continue;
-        };
-        if !meta.is_file() || meta.len() > MAX_FILE_COPY_BYTES {
-            continue;
-        }
-        if out.len() == MAX_FILE_COPIES {
-            tracing::warn!(
-                source,
-                "more than {MAX_FILE_COPIES} file bind mounts; the rest are not copied"
-            );
-            break;
-        }
-        match tokio::fs::read(source).await {
-            Ok(content) => out.push(FileCopy {
-                source: source.to_owned(),
-                content,
-                mode: meta.permissions().mode() & 0o777,
-                ..Default::default()
-            }),
-            Err(e) => tracing::warn!(source, error = %e, "bind mount source not copied"),
-        }
-    }
-    out
 }
 
 /// What the guest's network configuration is: the mirrored interfaces and their routes.
@@ -1163,7 +1115,7 @@ async fn load_bundle(opts: &CreateOpts) -> Result<Bundle, ContainerError> {
         Some(v) => spinbox_net::publish::parse(v)?,
         None => Vec::new(),
     };
-    let files = file_copies(&parsed).await;
+    let files = crate::copies::for_spec(&parsed).await;
     Ok(Bundle {
         spec,
         source,

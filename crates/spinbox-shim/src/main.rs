@@ -8,6 +8,7 @@
 
 mod cleanup;
 mod container;
+mod copies;
 mod events;
 mod exec;
 mod lifecycle;

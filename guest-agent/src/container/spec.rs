@@ -374,7 +374,7 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
                 plan.source = copy.to_string();
             } else if !(ctx.source_exists)(&plan.source) {
                 warnings.push(format!(
-                    "mount {}: bind source {:?} is not in the guest (no host directory is shared with the VM); skipped",
+                    "mount {}: bind source {:?} is not in the guest (only files and read-only directories are copied in); skipped",
                     m.destination, plan.source
                 ));
                 continue;

@@ -1,0 +1,259 @@
+//! Copies of the host files and read-only host directories that the spec's bind mounts name.
+//!
+//! The guest cannot see the host's filesystem. Small files (resolv.conf, hosts, hostname as CRI
+//! and nerdctl give them) and small directories bound read-only (Kubernetes' secrets, config
+//! maps and service account tokens) travel with CreateContainer, and the agent serves the
+//! mounts from its copies: a snapshot taken at create, as in Kata's non-shared-fs mode. A
+//! writable directory bind is not copied (writes would never reach the host); the agent skips
+//! it and says so.
+
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::path::Path;
+
+use spinbox_agent_api::agent::tree_entry::Kind;
+use spinbox_agent_api::agent::{FileCopy, TreeEntry};
+
+/// How many copies, how large each (a directory's files together), how large all together
+/// (they travel in one message), how many entries in a directory: the agent's limits.
+const MAX_COPIES: usize = 16;
+const MAX_COPY_BYTES: u64 = 1 << 20;
+const MAX_TOTAL_BYTES: u64 = 2 << 20;
+const MAX_TREE_ENTRIES: usize = 256;
+
+/// The copies for the spec's bind mounts, each source once, in mount order. What cannot be
+/// copied is logged and left out (the agent then skips the mount and warns).
+pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
+    let mut out: Vec<FileCopy> = Vec::new();
+    let mut total = 0u64;
+    for m in spec["mounts"].as_array().into_iter().flatten() {
+        let options: Vec<&str> = m["options"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.as_str())
+            .collect();
+        let is_bind = m["type"] == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
+        let Some(source) = m["source"].as_str() else {
+            continue;
+        };
+        if !is_bind || !source.starts_with('/') || out.iter().any(|f| f.source == source) {
+            continue;
+        }
+        let Ok(meta) = tokio::fs::metadata(source).await else {
+            continue;
+        };
+        let read_only = options.contains(&"ro");
+        if !(meta.is_file() || meta.is_dir() && read_only) {
+            continue;
+        }
+        if out.len() == MAX_COPIES {
+            tracing::warn!(
+                source,
+                "more than {MAX_COPIES} bind mounts to copy; the rest are not copied"
+            );
+            break;
+        }
+        let owned = source.to_owned();
+        let copied = tokio::task::spawn_blocking(move || copy(Path::new(&owned)))
+            .await
+            .unwrap_or_else(|e| Err(format!("copy task: {e}")));
+        match copied {
+            Ok(c) => {
+                let size = size(&c);
+                if total + size > MAX_TOTAL_BYTES {
+                    tracing::warn!(
+                        source,
+                        "bind mount source not copied: the copies would exceed {MAX_TOTAL_BYTES} bytes"
+                    );
+                    continue;
+                }
+                total += size;
+                out.push(c);
+            }
+            Err(e) => tracing::warn!(source, "bind mount source not copied: {e}"),
+        }
+    }
+    out
+}
+
+fn size(c: &FileCopy) -> u64 {
+    let tree: usize = c.tree.iter().map(|e| e.content.len()).sum();
+    (c.content.len() + tree) as u64
+}
+
+/// A copy of the file or directory at `source` (symlinks below a directory are kept as links,
+/// never followed). Blocking.
+fn copy(source: &Path) -> Result<FileCopy, String> {
+    let meta = std::fs::metadata(source).map_err(|e| e.to_string())?;
+    let mode = meta.permissions().mode() & 0o777;
+    let source_str = source.display().to_string();
+    if meta.is_file() {
+        if meta.len() > MAX_COPY_BYTES {
+            return Err(format!("{} bytes, at most {MAX_COPY_BYTES}", meta.len()));
+        }
+        let content = std::fs::read(source).map_err(|e| e.to_string())?;
+        return Ok(FileCopy {
+            source: source_str,
+            content,
+            mode,
+            ..Default::default()
+        });
+    }
+    let mut tree = Vec::new();
+    let mut bytes = 0;
+    walk(source, "", &mut tree, &mut bytes)?;
+    Ok(FileCopy {
+        source: source_str,
+        mode,
+        directory: true,
+        tree,
+        ..Default::default()
+    })
+}
+
+/// Appends what is below `dir` to `tree`, parents before children, names sorted.
+fn walk(
+    dir: &Path,
+    prefix: &str,
+    tree: &mut Vec<TreeEntry>,
+    bytes: &mut u64,
+) -> Result<(), String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    names.sort();
+    for name in names {
+        let Some(name) = name.to_str() else {
+            return Err(format!("{}: a name that is not UTF-8", dir.display()));
+        };
+        let path = dir.join(name);
+        let rel = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        if tree.len() == MAX_TREE_ENTRIES {
+            return Err(format!("more than {MAX_TREE_ENTRIES} entries"));
+        }
+        let meta =
+            std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let kind = meta.file_type();
+        let mut entry = TreeEntry {
+            path: rel.clone(),
+            mode: meta.permissions().mode() & 0o777,
+            ..Default::default()
+        };
+        if kind.is_symlink() {
+            let target =
+                std::fs::read_link(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            entry.kind = Kind::SYMLINK.into();
+            entry.target = target
+                .to_str()
+                .ok_or_else(|| format!("{}: a link target that is not UTF-8", path.display()))?
+                .to_string();
+            tree.push(entry);
+        } else if kind.is_dir() {
+            entry.kind = Kind::DIRECTORY.into();
+            tree.push(entry);
+            walk(&path, &rel, tree, bytes)?;
+        } else if kind.is_file() {
+            *bytes += meta.len();
+            if *bytes > MAX_COPY_BYTES {
+                return Err(format!("more than {MAX_COPY_BYTES} bytes"));
+            }
+            entry.kind = Kind::FILE.into();
+            entry.content = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            tree.push(entry);
+        } else {
+            let what = if kind.is_fifo() {
+                "a fifo"
+            } else if kind.is_socket() {
+                "a socket"
+            } else {
+                "a device node"
+            };
+            return Err(format!("{} is {what}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(mounts: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({ "mounts": mounts })
+    }
+
+    #[tokio::test]
+    async fn read_only_directories_and_files_are_copied_writable_directories_not() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("secret");
+        std::fs::create_dir_all(secret.join("..v1/sub")).unwrap();
+        std::fs::write(secret.join("..v1/key"), b"s3cret").unwrap();
+        std::fs::write(secret.join("..v1/sub/n"), b"1").unwrap();
+        std::os::unix::fs::symlink("..v1/key", secret.join("key")).unwrap();
+        let file = d.path().join("hosts");
+        std::fs::write(&file, b"127.0.0.1 localhost\n").unwrap();
+        let (secret_s, file_s) = (secret.to_str().unwrap(), file.to_str().unwrap());
+        let copies = for_spec(&spec(serde_json::json!([
+            {"destination": "/s", "type": "bind", "source": secret_s, "options": ["rbind", "ro"]},
+            {"destination": "/w", "type": "bind", "source": secret_s, "options": ["rbind", "rw"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": file_s, "options": ["rbind", "rw"]},
+            {"destination": "/rw", "type": "bind", "source": d.path().to_str().unwrap(), "options": ["rbind"]},
+            {"destination": "/proc", "type": "proc", "source": "proc"}
+        ])))
+        .await;
+        assert_eq!(copies.len(), 2, "{copies:?}");
+        let dir = &copies[0];
+        assert!(dir.directory && dir.source == secret_s && dir.content.is_empty());
+        let entries: Vec<(&str, Kind, &[u8], &str)> = dir
+            .tree
+            .iter()
+            .map(|e| {
+                (
+                    e.path.as_str(),
+                    e.kind.enum_value().unwrap(),
+                    e.content.as_slice(),
+                    e.target.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            vec![
+                ("..v1", Kind::DIRECTORY, &b""[..], ""),
+                ("..v1/key", Kind::FILE, &b"s3cret"[..], ""),
+                ("..v1/sub", Kind::DIRECTORY, &b""[..], ""),
+                ("..v1/sub/n", Kind::FILE, &b"1"[..], ""),
+                ("key", Kind::SYMLINK, &b""[..], "..v1/key"),
+            ]
+        );
+        assert!(!copies[1].directory);
+        assert_eq!(copies[1].content, b"127.0.0.1 localhost\n");
+    }
+
+    #[test]
+    fn what_cannot_be_copied_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        nix::unistd::mkfifo(&d.path().join("pipe"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = copy(d.path()).unwrap_err();
+        assert!(e.ends_with("pipe is a fifo"), "{e}");
+
+        let many = tempfile::tempdir().unwrap();
+        for i in 0..=MAX_TREE_ENTRIES {
+            std::fs::write(many.path().join(format!("f{i}")), b"").unwrap();
+        }
+        let e = copy(many.path()).unwrap_err();
+        assert!(e.contains("more than 256 entries"), "{e}");
+
+        let big = tempfile::tempdir().unwrap();
+        std::fs::write(big.path().join("a"), vec![0u8; 700 << 10]).unwrap();
+        std::fs::write(big.path().join("b"), vec![0u8; 700 << 10]).unwrap();
+        let e = copy(big.path()).unwrap_err();
+        assert!(e.contains("more than 1048576 bytes"), "{e}");
+    }
+}
