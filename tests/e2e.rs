@@ -482,8 +482,8 @@ async fn read_only_directory_binds_arrive_as_copies() {
 }
 
 /// What the guest does not apply as the spec says is logged in containerd's log, by container:
-/// a seccomp profile (the VM is the boundary) and a bind mount of a host directory (none is
-/// shared with the VM).
+/// an AppArmor profile (the guest runs no AppArmor) and a writable bind mount of a host
+/// directory (none is shared with the VM).
 #[tokio::test]
 async fn unapplied_spec_parts_are_logged_by_the_shim() {
     let Some(ctr) = Ctr::from_env() else { return };
@@ -496,7 +496,7 @@ async fn unapplied_spec_parts_are_logged_by_the_shim() {
     let out = ctr.run_container(
         RUNTIME,
         "e2e-warn",
-        &["--seccomp", "--mount", &mount],
+        &["--apparmor-profile", "spinbox-test", "--mount", &mount],
         &["sh", "-c", "[ -e /data ] && echo data || echo no-data"],
         None,
     );
@@ -512,8 +512,8 @@ async fn unapplied_spec_parts_are_logged_by_the_shim() {
         })
     };
     assert!(
-        warned("linux.seccomp ignored"),
-        "seccomp warning in the log"
+        warned("process.apparmorProfile \"spinbox-test\" ignored"),
+        "AppArmor warning in the log"
     );
     assert!(
         warned(&format!(

@@ -667,3 +667,43 @@ async fn detached_tty_container_can_be_attached_again() {
     drop(tmux);
     ctr.assert_clean();
 }
+
+/// The spec's seccomp profile (`ctr --seccomp`: containerd's default) binds the container's
+/// init and its exec processes, as under runc: a user namespace (`unshare -U`), which the guest
+/// kernel itself allows, is refused without CAP_SYS_ADMIN.
+#[tokio::test]
+async fn seccomp_profile_binds_init_and_exec_like_runc() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let probe = [
+        "sh",
+        "-c",
+        "grep '^Seccomp:' /proc/self/status; \
+         unshare -U true 2>/dev/null && echo unshare-allowed || echo unshare-denied",
+    ];
+    let confined = "Seccomp:\t2\nunshare-denied\n";
+    let out = ctr.run_container(RUNTIME, "int-seccomp", &["--seccomp"], &probe, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), confined);
+    let runc = ctr.run_container(
+        "io.containerd.runc.v2",
+        "int-seccomp-runc",
+        &["--seccomp"],
+        &probe,
+        None,
+    );
+    assert_eq!(out.stdout, runc.stdout, "as under runc");
+    let open = ctr.run_container(RUNTIME, "int-noseccomp", &[], &probe, None);
+    assert_eq!(
+        text(&open.stdout),
+        "Seccomp:\t0\nunshare-allowed\n",
+        "without the profile the guest allows it"
+    );
+    {
+        let d = Detached::run(&ctr, "int-seccomp-exec", &["--seccomp"], &["sleep", "300"]).await;
+        let e = d.exec("probe", &probe, None);
+        assert!(e.status.success(), "{}", text(&e.stderr));
+        assert_eq!(text(&e.stdout), confined, "the exec is bound too");
+    }
+    ctr.assert_clean();
+}

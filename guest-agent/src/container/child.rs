@@ -29,9 +29,9 @@ use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{chdir, pivot_root, Gid, Uid};
 
-use super::caps;
 use super::launch::{EXEC_JOIN_NAMESPACES, FD_CONFIG, FD_INIT_PIDFD, FD_START, FD_STATUS};
 use super::spec::{DevicePlan, ExecConfig, InitConfig, MountPlan, ProcessConfig};
+use super::{caps, seccomp};
 
 /// PATH when the process environment has none (runc's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -325,6 +325,11 @@ fn setup_process(p: &ProcessConfig) -> Result<()> {
             .with_context(|| format!("oom_score_adj {adj}"))?;
     }
 
+    if let Some(filter) = p.seccomp.as_ref().filter(|_| !p.no_new_privileges) {
+        // Without no_new_privs seccomp(2) needs CAP_SYS_ADMIN: install while still root with
+        // every capability, before the user switch and the capability drop (as runc does).
+        seccomp::install(filter).context("installing linux.seccomp")?;
+    }
     // Working directory: before the user switch (root can enter anything), and again after
     // when that failed (a path only the user may enter, e.g. on a root-squashed mount).
     let cwd_first = chdir(p.cwd.as_str());
@@ -339,6 +344,9 @@ fn setup_process(p: &ProcessConfig) -> Result<()> {
     }
     if p.no_new_privileges {
         caps::set_no_new_privs()?;
+        if let Some(filter) = &p.seccomp {
+            seccomp::install(filter).context("installing linux.seccomp")?;
+        }
     }
     Ok(())
 }

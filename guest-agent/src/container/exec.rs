@@ -62,8 +62,10 @@ impl Manager {
             .map_err(|e| RpcError::new(Code::INVALID_ARGUMENT, format!("container {id:?}: {e}")))?;
         let c = self.get(id)?;
         let mut warnings = Vec::new();
-        let process = exec_process(&req, &mut warnings)
+        let mut process = exec_process(&req, &mut warnings)
             .map_err(|e| RpcError::new(Code::INVALID_ARGUMENT, format!("{label}: {e}")))?;
+        // The container's seccomp profile binds its exec processes too (runc does the same).
+        process.seccomp = c.seccomp.clone();
         for w in &warnings {
             warning!("{label}: {w}");
         }

@@ -25,8 +25,11 @@ pub mod ops;
 pub mod process;
 pub mod pty;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 pub mod stdio;
+#[cfg(target_arch = "x86_64")]
+mod syscalls_x86_64;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
@@ -88,6 +91,8 @@ struct Container {
     cgroup: Cgroup,
     rootfs: Mutex<Option<MountedRootfs>>,
     init: Arc<Proc>,
+    /// The compiled `linux.seccomp`, for exec processes.
+    seccomp: Option<seccomp::Filter>,
     /// Exec processes by exec id; None while its ExecProcess is in progress.
     execs: Mutex<HashMap<String, Option<Arc<Proc>>>>,
 }
@@ -370,6 +375,7 @@ impl Manager {
             cgroup,
             rootfs: Mutex::new(rollback.rootfs.take()),
             init: Arc::new(init),
+            seccomp: plan.init.process.seccomp.clone(),
             execs: Mutex::new(HashMap::new()),
         }))
     }

@@ -228,6 +228,9 @@ pub struct ProcessConfig {
     /// `terminal`, which decides how stdio is wired.
     #[serde(default)]
     pub terminal: bool,
+    /// The container's compiled `linux.seccomp` (exec processes get the init's).
+    #[serde(default)]
+    pub seccomp: Option<super::seccomp::Filter>,
 }
 
 /// Everything container-init needs, in the order it uses it.
@@ -312,7 +315,12 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
     let process = process_plan(process, &mut warnings)?;
     let empty_linux = Linux::default();
     let linux = spec.linux.as_ref().unwrap_or(&empty_linux);
-    warnings.extend(unenforced_confinement(spec, linux));
+    warnings.extend(unenforced_confinement(spec));
+    let mut process = process;
+    process.seccomp = match &linux.seccomp {
+        Some(profile) if !profile.is_null() => Some(super::seccomp::compile_json(profile)?),
+        _ => None,
+    };
     if !linux.uid_mappings.is_empty() {
         bail!("user namespaces (linux.uidMappings) are not supported yet");
     }
@@ -512,6 +520,8 @@ pub fn process_plan(process: &Process, warnings: &mut Vec<String>) -> Result<Pro
         capabilities,
         oom_score_adj: process.oom_score_adj,
         terminal: process.terminal,
+        // The container's, set by `plan` (and for an exec from its container).
+        seccomp: None,
     })
 }
 
@@ -628,17 +638,10 @@ pub fn mount_plan(m: &Mount) -> Result<MountPlan> {
     })
 }
 
-/// What a spec asks for that the guest does not enforce: a seccomp profile (the VM, not a
-/// syscall filter, is the boundary between the container and the host, as with Kata's default
-/// `disable_guest_seccomp`), and AppArmor or SELinux labels (the guest kernel runs neither).
-fn unenforced_confinement(spec: &Spec, linux: &Linux) -> Vec<String> {
+/// What a spec asks for that the guest does not enforce: AppArmor or SELinux labels (the
+/// guest kernel runs neither).
+fn unenforced_confinement(spec: &Spec) -> Vec<String> {
     let mut out = Vec::new();
-    if linux.seccomp.as_ref().is_some_and(|s| !s.is_null()) {
-        out.push(
-            "linux.seccomp ignored: the guest applies no seccomp filter (the VM is the isolation boundary)"
-                .to_string(),
-        );
-    }
     let process = spec.process.as_ref();
     if let Some(p) = process.and_then(|p| p.apparmor_profile.as_deref()) {
         if !p.is_empty() {
@@ -890,10 +893,14 @@ mod tests {
     }
 
     #[test]
-    fn unenforced_seccomp_and_lsm_labels_are_warned_about() {
+    fn seccomp_is_compiled_and_lsm_labels_are_warned_about() {
         let spec = parse_spec(SPEC.as_bytes()).unwrap();
         let p = plan("c1", &spec, &ctx("/run/c1/rootfs", false)).unwrap();
-        assert!(!p.warnings.iter().any(|w| w.contains("seccomp")));
+        assert!(p.init.process.seccomp.is_none());
+        assert!(!p
+            .warnings
+            .iter()
+            .any(|w| w.contains("apparmor") || w.contains("selinux")));
         let confined = SPEC
             .replace(
                 r#""noNewPrivileges": true"#,
@@ -906,8 +913,21 @@ mod tests {
             );
         let spec = parse_spec(confined.as_bytes()).unwrap();
         let p = plan("c1", &spec, &ctx("/run/c1/rootfs", false)).unwrap();
+        let filter = p.init.process.seccomp.as_ref().expect("a compiled filter");
+        assert!(filter.program.len() > 6, "{filter:?}");
+        assert!(!p.warnings.iter().any(|w| w.contains("seccomp")));
+        let bad = confined.replace("SCMP_ACT_ERRNO", "SCMP_ACT_NOPE");
+        let e = plan(
+            "c1",
+            &parse_spec(bad.as_bytes()).unwrap(),
+            &ctx("/r", false),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("linux.seccomp.defaultAction"),
+            "{e:#}"
+        );
         for needle in [
-            "linux.seccomp ignored",
             "process.apparmorProfile \"cri-containerd.apparmor.d\" ignored",
             "process.selinuxLabel \"system_u:system_r:container_t:s0\" ignored",
         ] {
