@@ -747,7 +747,11 @@ impl Container {
     }
 
     pub async fn close_stdin(&self) -> Result<(), ContainerError> {
-        self.pumps.lock().await.close_stdin();
+        self.pumps
+            .lock()
+            .await
+            .close_stdin(self.config.timeouts.io_wait)
+            .await;
         if self.status() == Status::Stopped {
             return Ok(());
         }
@@ -956,7 +960,7 @@ impl Container {
                 exec.abort().await;
             }
             let mut pumps = self.pumps.lock().await;
-            pumps.close_stdin();
+            pumps.abort_stdin();
             let limit = if vm_alive {
                 self.config.timeouts.io_wait
             } else {

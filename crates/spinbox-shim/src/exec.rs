@@ -196,7 +196,7 @@ impl Exec {
     }
 
     pub async fn close_stdin(&self) -> Result<(), ContainerError> {
-        self.pumps.lock().await.close_stdin();
+        self.pumps.lock().await.close_stdin(self.io_wait).await;
         if self.status().0 == Status::Stopped {
             return Ok(());
         }

@@ -6,12 +6,18 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use spinbox_agent_api::{stdio_header, StdioStream};
 use spinbox_vmm::vsock::VsockTransport;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+
+/// After CloseIO, stdin is copied on until its input has been idle this long: the client
+/// wrote what it had before it asked to close, and its writer stays open until CloseIO returns.
+const STDIN_DRAIN_IDLE: Duration = Duration::from_millis(50);
 
 /// The stdio paths containerd gave for a process (empty = not wanted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,6 +34,8 @@ pub struct StdioPumps {
     pub stdin: Option<JoinHandle<io::Result<u64>>>,
     /// containerd's stdin fifo, while our open of it may still be waiting for a writer.
     pub stdin_fifo: Option<PathBuf>,
+    /// Tells the stdin copy to finish once its input is drained (CloseIO).
+    pub stdin_close: Option<Arc<Notify>>,
     pub stdout: Option<JoinHandle<io::Result<u64>>>,
     pub stderr: Option<JoinHandle<io::Result<u64>>>,
 }
@@ -59,11 +67,37 @@ impl StdioPumps {
         complete
     }
 
-    /// Stops feeding stdin (CloseIO): the copy ends and a pending open is released.
-    pub fn close_stdin(&mut self) {
+    /// Ends stdin (CloseIO) without losing what the client wrote before it asked: the copy
+    /// reads on until its input is idle ([`STDIN_DRAIN_IDLE`]) or at EOF, then shuts the
+    /// stream down (the process's EOF); a pending open is released. Waits for that, at most
+    /// `limit`, then aborts the copy.
+    pub async fn close_stdin(&mut self, limit: Duration) {
         if let Some(fifo) = self.stdin_fifo.take() {
             unblock_fifo_open(&fifo);
         }
+        if let Some(close) = self.stdin_close.take() {
+            close.notify_one();
+        }
+        if let Some(h) = self.stdin.take() {
+            let abort = h.abort_handle();
+            match tokio::time::timeout(limit, h).await {
+                Ok(Ok(Ok(bytes))) => tracing::debug!(bytes, "stdin closed"),
+                Ok(Ok(Err(e))) => tracing::debug!(error = %e, "stdin copy ended"),
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    abort.abort();
+                    tracing::warn!(?limit, "stdin copy still busy after CloseIO; cut off");
+                }
+            }
+        }
+    }
+
+    /// Stops feeding stdin at once (teardown): the copy is aborted, a pending open released.
+    pub fn abort_stdin(&mut self) {
+        if let Some(fifo) = self.stdin_fifo.take() {
+            unblock_fifo_open(&fifo);
+        }
+        self.stdin_close = None;
         if let Some(h) = self.stdin.take() {
             h.abort();
         }
@@ -71,10 +105,8 @@ impl StdioPumps {
 
     /// Stops every copy (delete / shutdown).
     pub fn abort(&mut self) {
-        if let Some(fifo) = self.stdin_fifo.take() {
-            unblock_fifo_open(&fifo);
-        }
-        for h in [self.stdin.take(), self.stdout.take(), self.stderr.take()]
+        self.abort_stdin();
+        for h in [self.stdout.take(), self.stderr.take()]
             .into_iter()
             .flatten()
         {
@@ -222,6 +254,44 @@ async fn open_output(path: &Path) -> io::Result<Box<dyn AsyncWrite + Send + Unpi
             .await?;
         Ok(Box::new(f))
     }
+}
+
+/// Copies stdin until EOF; once `close` is notified (CloseIO), only until the input has been
+/// idle for [`STDIN_DRAIN_IDLE`]. `ctr run` asks to close the moment its own stdin ends, which
+/// can be before this copy has read what it wrote into the fifo: aborting the copy then lost
+/// that input.
+async fn copy_stdin<R, W>(input: &mut R, out: &mut W, close: &Notify) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    let mut closing = false;
+    loop {
+        let n = if closing {
+            match tokio::time::timeout(STDIN_DRAIN_IDLE, input.read(&mut buf)).await {
+                Ok(read) => read?,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                read = input.read(&mut buf) => read?,
+                _ = close.notified() => {
+                    closing = true;
+                    continue;
+                }
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
+    out.flush().await?;
+    Ok(total)
 }
 
 /// A reader blocked in `open(fifo, O_RDONLY)` waits for a writer that may never come (the
@@ -475,11 +545,13 @@ pub async fn connect(
         .map_err(|e| io::Error::new(e.kind(), format!("stdin stream: {e}")))?;
         let path = PathBuf::from(paths.stdin.strip_prefix("file://").unwrap_or(&paths.stdin));
         pumps.stdin_fifo = Some(path.clone());
+        let close = Arc::new(Notify::new());
+        pumps.stdin_close = Some(close.clone());
         let terminal = paths.terminal;
         pumps.stdin = Some(tokio::spawn(async move {
             let mut input = open_input(path, terminal).await?;
-            let n = tokio::io::copy(&mut input, &mut stream).await?;
-            // EOF from containerd: the process sees EOF too.
+            let n = copy_stdin(&mut input, &mut stream, &close).await?;
+            // EOF from containerd, or CloseIO: the process sees EOF too.
             stream.shutdown().await?;
             Ok(n)
         }));
@@ -490,6 +562,47 @@ pub async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// CloseIO right after the client's last write, its writer still open: what it wrote
+    /// arrives, then the copy ends (ctr run with piped stdin). Without a close, the copy
+    /// waits for more.
+    #[tokio::test]
+    async fn stdin_close_delivers_what_was_written_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdin");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let mut input = {
+            // The client's writer: opened (and written) on a thread of its own, since opening
+            // a fifo blocks until the other side opens.
+            let path = fifo.clone();
+            let writer = std::thread::spawn(move || {
+                let mut w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                std::io::Write::write_all(&mut w, b"first line\nsecond\n").unwrap();
+                w
+            });
+            let input = open_input(fifo.clone(), false).await.unwrap();
+            (input, writer.join().unwrap())
+        };
+        let close = Notify::new();
+        close.notify_one();
+        let mut out = Vec::new();
+        let started = std::time::Instant::now();
+        let n = copy_stdin(&mut input.0, &mut out, &close).await.unwrap();
+        assert_eq!((n, out.as_slice()), (18, &b"first line\nsecond\n"[..]));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "ended while the writer is open"
+        );
+
+        let open = Notify::new();
+        let mut more = Vec::new();
+        let pending = tokio::time::timeout(
+            Duration::from_millis(200),
+            copy_stdin(&mut input.0, &mut more, &open),
+        )
+        .await;
+        assert!(pending.is_err(), "without CloseIO or EOF the copy waits");
+    }
 
     #[test]
     fn parses_containerd_output_targets() {
