@@ -145,11 +145,13 @@ async fn env_cwd_and_stdin_behave_like_runc() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
     let args = ["--env", "GREETING=hi there", "--cwd", "/etc"];
-    let cmd = ["sh", "-c", "echo \"$GREETING\"; pwd"];
+    // No hostname in the spec: the new UTS namespace starts with the host's name under runc.
+    let cmd = ["sh", "-c", "echo \"$GREETING\"; pwd; hostname"];
     let out = ctr.run_container(RUNTIME, "e2e-env", &args, &cmd, None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let runc = ctr.run_container(RUNC, "e2e-env-runc", &args, &cmd, None);
-    assert_eq!(text(&out.stdout), "hi there\n/etc\n");
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    assert_eq!(text(&out.stdout), format!("hi there\n/etc\n{host}\n"));
     assert_eq!(out.stdout, runc.stdout);
 
     let out = ctr.run_container(

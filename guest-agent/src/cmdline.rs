@@ -1,7 +1,8 @@
 //! The agent's settings from the kernel command line (`/proc/cmdline`).
 
 use spinbox_agent_api::{
-    CMDLINE_AGENT_PORT, CMDLINE_STDIO_PORT, DEFAULT_AGENT_PORT, DEFAULT_STDIO_PORT,
+    valid_hostname, CMDLINE_AGENT_PORT, CMDLINE_HOSTNAME, CMDLINE_STDIO_PORT, DEFAULT_AGENT_PORT,
+    DEFAULT_STDIO_PORT,
 };
 
 use crate::log::Level;
@@ -24,6 +25,8 @@ pub struct Settings {
     pub log_level: Level,
     /// Ignore ctrl-alt-del and the power button ([`CMDLINE_IGNORE_POWEROFF`]).
     pub ignore_poweroff: bool,
+    /// The guest's hostname ([`CMDLINE_HOSTNAME`]: the host's).
+    pub hostname: Option<String>,
     /// Values that were present but unusable; logged once logging is set up.
     pub problems: Vec<String>,
 }
@@ -35,6 +38,7 @@ impl Default for Settings {
             stdio_port: DEFAULT_STDIO_PORT,
             log_level: Level::Info,
             ignore_poweroff: false,
+            hostname: None,
             problems: Vec::new(),
         }
     }
@@ -56,6 +60,14 @@ pub fn parse(cmdline: &str) -> Settings {
                 None => settings
                     .problems
                     .push(format!("ignoring {key}={value:?}: not a vsock port")),
+            }
+        } else if key == CMDLINE_HOSTNAME {
+            if valid_hostname(value) {
+                settings.hostname = Some(value.to_string());
+            } else {
+                settings
+                    .problems
+                    .push(format!("ignoring {key}={value:?}: not a hostname"));
             }
         } else if key == CMDLINE_IGNORE_POWEROFF {
             settings.ignore_poweroff = value == "1";
@@ -119,6 +131,24 @@ mod tests {
         let s = parse("console=ttyS0 quiet panic=-1\n");
         assert_eq!(s, Settings::default());
         assert_eq!(s.agent_port, DEFAULT_AGENT_PORT);
+    }
+
+    #[test]
+    fn reads_the_hostname_and_refuses_what_is_not_one() {
+        assert_eq!(parse("quiet").hostname, None);
+        let s = parse("spinbox.hostname=ci-runner-7.example");
+        assert_eq!(s.hostname.as_deref(), Some("ci-runner-7.example"));
+        for bad in [
+            "spinbox.hostname=",
+            "spinbox.hostname=a/b",
+            "spinbox.hostname=x_y",
+        ] {
+            let s = parse(bad);
+            assert_eq!(s.hostname, None, "{bad}");
+            assert!(s.problems[0].contains("not a hostname"), "{bad}");
+        }
+        let long = format!("spinbox.hostname={}", "a".repeat(65));
+        assert_eq!(parse(&long).hostname, None);
     }
 
     #[test]

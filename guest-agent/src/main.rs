@@ -78,6 +78,12 @@ fn run() -> Result<String> {
     for problem in &settings.problems {
         warning!("{problem}");
     }
+    if let (true, Some(name)) = (pid1, &settings.hostname) {
+        // Containers without a spec hostname inherit it in their new UTS namespace.
+        if let Err(e) = nix::unistd::sethostname(name) {
+            warning!("sethostname {name:?}: {e}");
+        }
+    }
     let modules_loaded = if pid1 {
         init::load_modules()
     } else {

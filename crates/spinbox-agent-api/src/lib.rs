@@ -32,6 +32,19 @@ pub const CMDLINE_AGENT_PORT: &str = "spinbox.agent_port";
 /// Kernel command-line key carrying the stdio vsock port.
 pub const CMDLINE_STDIO_PORT: &str = "spinbox.stdio_port";
 
+/// Kernel command-line key carrying the host's hostname, which the agent gives the guest: a
+/// container whose spec sets no hostname gets it in its new UTS namespace, as under runc.
+pub const CMDLINE_HOSTNAME: &str = "spinbox.hostname";
+
+/// Whether `name` can travel on a kernel command line as a hostname: 1 to 64 letters, digits,
+/// dots and hyphens.
+pub fn valid_hostname(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+}
+
 /// The vsock port for stdio streams unless the kernel command line says otherwise.
 pub const DEFAULT_STDIO_PORT: u32 = 1025;
 

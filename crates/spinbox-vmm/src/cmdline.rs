@@ -359,6 +359,15 @@ pub fn guest_kernel_cmdline_with(agent_port: u32, stdio_port: u32, extra: &[Stri
         spinbox_agent_api::CMDLINE_AGENT_PORT,
         agent_port
     ));
+    // The host's name, which a container that names none sees under runc (its new UTS
+    // namespace starts as a copy of the host's); a name that cannot travel here is left out.
+    if let Some(name) = nix::unistd::gethostname()
+        .ok()
+        .and_then(|n| n.into_string().ok())
+        .filter(|n| spinbox_agent_api::valid_hostname(n))
+    {
+        args.push(format!("{}={name}", spinbox_agent_api::CMDLINE_HOSTNAME));
+    }
     args.extend(extra.iter().cloned());
     args.join(" ")
 }
@@ -468,7 +477,7 @@ mod tests {
         let append = &window(&args, "-append")[0];
         assert!(append.contains("console=ttyS0"));
         assert!(append.contains("panic=-1"));
-        assert!(append.ends_with("spinbox.agent_port=1024"));
+        assert!(append.contains(" spinbox.agent_port=1024"));
         assert_eq!(window(&args, "-smp"), ["2"]);
         assert_eq!(window(&args, "-m"), ["512M"]);
     }
@@ -476,7 +485,21 @@ mod tests {
     #[test]
     fn extra_kernel_args_come_last() {
         let c = guest_kernel_cmdline(1024, &["spinbox.agent_port=9".into(), "debug".into()]);
-        assert!(c.ends_with("spinbox.agent_port=1024 spinbox.agent_port=9 debug"));
+        assert!(c.ends_with(" spinbox.agent_port=9 debug"), "{c}");
+        let port = c.find("spinbox.agent_port=1024").expect("the agent port");
+        assert!(port < c.find("spinbox.agent_port=9").unwrap_or(0));
+    }
+
+    #[test]
+    fn the_host_name_travels_when_it_can() {
+        let c = guest_kernel_cmdline(1024, &[]);
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        let word = format!("spinbox.hostname={host}");
+        assert_eq!(
+            c.split(' ').any(|w| w == word),
+            spinbox_agent_api::valid_hostname(&host),
+            "{c}"
+        );
     }
 
     #[test]
