@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spinbox_agent_api::{stdio_header, StdioStream};
+use spinbox_vmm::process::{place_fds, PassFd};
 use spinbox_vmm::vsock::VsockTransport;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -434,17 +435,12 @@ async fn start_binary_logger(
         (out_r.as_raw_fd(), 3),
         (err_r.as_raw_fd(), 4),
         (ready_w.as_raw_fd(), 5),
-    ];
-    // SAFETY: only dup2 between fork and exec.
+    ]
+    .map(|(src, dst)| PassFd { src, dst });
+    // SAFETY: place_fds only calls fcntl and dup2 between fork and exec. (One dup2 pass
+    // clobbered a pipe whose own number was 3 or 4, and the logger lost a stream.)
     unsafe {
-        cmd.pre_exec(move || {
-            for (src, dst) in fds {
-                if libc::dup2(src, dst) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || place_fds(&fds));
     }
     let child = cmd.spawn().map_err(|e| {
         io::Error::new(

@@ -124,33 +124,93 @@ pub fn command<S: AsRef<OsStr>>(
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
-            // Two passes, so a source fd that equals another entry's target is not clobbered.
-            let mut moved = [0 as RawFd; 8];
-            if fds.len() > moved.len() {
-                return Err(io::Error::other("too many fds to pass"));
-            }
-            for (i, f) in fds.iter().enumerate() {
-                let tmp = libc::fcntl(f.src, libc::F_DUPFD_CLOEXEC, 100);
-                if tmp < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                moved[i] = tmp;
-            }
-            for (i, f) in fds.iter().enumerate() {
-                // dup2 clears close-on-exec on the target.
-                if libc::dup2(moved[i], f.dst) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
+            place_fds(&fds)
         });
     }
     cmd
 }
 
+/// Most fds [`place_fds`] places.
+pub const MAX_PLACED_FDS: usize = 8;
+
+/// For a `pre_exec` closure: puts each `src` at its `dst` number, inheritable. Two passes —
+/// every source first to a close-on-exec duplicate numbered 100 or more, then onto its target
+/// — so that a source numbered like another entry's target is not clobbered before it is
+/// placed. Only fcntl and dup2 (async-signal-safe); allocates nothing. At most
+/// [`MAX_PLACED_FDS`] (more fail with EMFILE).
+pub fn place_fds(fds: &[PassFd]) -> io::Result<()> {
+    let mut moved = [0 as RawFd; MAX_PLACED_FDS];
+    if fds.len() > moved.len() {
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    for (i, f) in fds.iter().enumerate() {
+        // SAFETY: fcntl on an fd number; no memory is passed.
+        let tmp = unsafe { libc::fcntl(f.src, libc::F_DUPFD_CLOEXEC, 100) };
+        if tmp < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        moved[i] = tmp;
+    }
+    for (i, f) in fds.iter().enumerate() {
+        // dup2 clears close-on-exec on the target.
+        // SAFETY: dup2 on fd numbers.
+        if unsafe { libc::dup2(moved[i], f.dst) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The second entry's source has the number the first entry is placed at: it still
+    /// arrives intact (one dup2 pass would have overwritten it with the first pipe).
+    #[test]
+    fn fds_are_placed_without_clobbering_each_other() {
+        use std::io::Write as _;
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+        let (a_r, a_w) = nix::unistd::pipe2(cloexec).unwrap();
+        let (b_r, b_w) = nix::unistd::pipe2(cloexec).unwrap();
+        // SAFETY: duplicating an fd we own; the duplicate is closed below.
+        let b_fd = unsafe { libc::fcntl(b_r.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 20) };
+        assert!(b_fd >= 20);
+        drop(b_r);
+        let y = 90;
+        let fds = [
+            PassFd {
+                src: a_r.as_raw_fd(),
+                dst: b_fd,
+            },
+            PassFd { src: b_fd, dst: y },
+        ];
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "cat /proc/self/fd/{b_fd}; echo; cat /proc/self/fd/{y}"
+            ))
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: place_fds only calls fcntl and dup2.
+        unsafe {
+            cmd.pre_exec(move || place_fds(&fds));
+        }
+        let child = cmd.spawn().unwrap();
+        // SAFETY: closing our duplicate; the child has its own.
+        unsafe { libc::close(b_fd) };
+        drop(a_r);
+        std::fs::File::from(a_w).write_all(b"A").unwrap();
+        std::fs::File::from(b_w).write_all(b"B").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "A\nB");
+        let too_many = [PassFd { src: 0, dst: 0 }; MAX_PLACED_FDS + 1];
+        assert_eq!(
+            place_fds(&too_many).unwrap_err().raw_os_error(),
+            Some(libc::EMFILE)
+        );
+    }
 
     #[test]
     fn parses_stat_with_odd_command_names() {
