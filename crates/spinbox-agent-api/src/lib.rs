@@ -32,6 +32,14 @@ pub const CMDLINE_AGENT_PORT: &str = "spinbox.agent_port";
 /// Kernel command-line key carrying the stdio vsock port.
 pub const CMDLINE_STDIO_PORT: &str = "spinbox.stdio_port";
 
+/// Limits of `CreateContainerRequest.files`, which the shim keeps to and the agent checks: how
+/// many copies, how many bytes each (a directory's files together), how many bytes all
+/// together (they travel in one ttrpc message), how many entries one directory.
+pub const MAX_FILE_COPIES: usize = 16;
+pub const MAX_FILE_COPY_BYTES: usize = 1 << 20;
+pub const MAX_FILE_COPIES_BYTES: usize = 2 << 20;
+pub const MAX_TREE_ENTRIES: usize = 256;
+
 /// Kernel command-line key carrying the host's hostname, which the agent gives the guest: a
 /// container whose spec sets no hostname gets it in its new UTS namespace, as under runc.
 pub const CMDLINE_HOSTNAME: &str = "spinbox.hostname";

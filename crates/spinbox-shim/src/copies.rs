@@ -13,18 +13,15 @@ use std::path::Path;
 use spinbox_agent_api::agent::tree_entry::Kind;
 use spinbox_agent_api::agent::{FileCopy, TreeEntry};
 
-/// How many copies, how large each (a directory's files together), how large all together
-/// (they travel in one message), how many entries in a directory: the agent's limits.
-const MAX_COPIES: usize = 16;
-const MAX_COPY_BYTES: u64 = 1 << 20;
-const MAX_TOTAL_BYTES: u64 = 2 << 20;
-const MAX_TREE_ENTRIES: usize = 256;
+use spinbox_agent_api::{
+    MAX_FILE_COPIES, MAX_FILE_COPIES_BYTES, MAX_FILE_COPY_BYTES, MAX_TREE_ENTRIES,
+};
 
 /// The copies for the spec's bind mounts, each source once, in mount order. What cannot be
 /// copied is logged and left out (the agent then skips the mount and warns).
 pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
     let mut out: Vec<FileCopy> = Vec::new();
-    let mut total = 0u64;
+    let mut total = 0;
     for m in spec["mounts"].as_array().into_iter().flatten() {
         let options: Vec<&str> = m["options"]
             .as_array()
@@ -39,31 +36,25 @@ pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
         if !is_bind || !source.starts_with('/') || out.iter().any(|f| f.source == source) {
             continue;
         }
-        let Ok(meta) = tokio::fs::metadata(source).await else {
-            continue;
-        };
-        let read_only = options.contains(&"ro");
-        if !(meta.is_file() || meta.is_dir() && read_only) {
-            continue;
-        }
-        if out.len() == MAX_COPIES {
-            tracing::warn!(
-                source,
-                "more than {MAX_COPIES} bind mounts to copy; the rest are not copied"
-            );
-            break;
-        }
-        let owned = source.to_owned();
-        let copied = tokio::task::spawn_blocking(move || copy(Path::new(&owned)))
+        let (owned, read_only) = (source.to_owned(), options.contains(&"ro"));
+        let copied = tokio::task::spawn_blocking(move || copy(Path::new(&owned), read_only))
             .await
             .unwrap_or_else(|e| Err(format!("copy task: {e}")));
         match copied {
-            Ok(c) => {
+            Ok(None) => {}
+            Ok(Some(_)) if out.len() == MAX_FILE_COPIES => {
+                tracing::warn!(
+                    source,
+                    "more than {MAX_FILE_COPIES} bind mounts to copy; the rest are not copied"
+                );
+                break;
+            }
+            Ok(Some(c)) => {
                 let size = size(&c);
-                if total + size > MAX_TOTAL_BYTES {
+                if total + size > MAX_FILE_COPIES_BYTES {
                     tracing::warn!(
                         source,
-                        "bind mount source not copied: the copies would exceed {MAX_TOTAL_BYTES} bytes"
+                        "bind mount source not copied: the copies would exceed {MAX_FILE_COPIES_BYTES} bytes"
                     );
                     continue;
                 }
@@ -76,39 +67,47 @@ pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
     out
 }
 
-fn size(c: &FileCopy) -> u64 {
-    let tree: usize = c.tree.iter().map(|e| e.content.len()).sum();
-    (c.content.len() + tree) as u64
+fn size(c: &FileCopy) -> usize {
+    c.content.len() + c.tree.iter().map(|e| e.content.len()).sum::<usize>()
 }
 
-/// A copy of the file or directory at `source` (symlinks below a directory are kept as links,
-/// never followed). Blocking.
-fn copy(source: &Path) -> Result<FileCopy, String> {
-    let meta = std::fs::metadata(source).map_err(|e| e.to_string())?;
+/// A copy of the file, or of the directory bound `read_only`, at `source` (symlinks below a
+/// directory are kept as links, never followed); None for anything else, or a source that is
+/// not there (the agent skips the mount and says so). Blocking.
+fn copy(source: &Path, read_only: bool) -> Result<Option<FileCopy>, String> {
+    let Ok(meta) = std::fs::metadata(source) else {
+        return Ok(None);
+    };
+    if !(meta.is_file() || meta.is_dir() && read_only) {
+        return Ok(None);
+    }
     let mode = meta.permissions().mode() & 0o777;
     let source_str = source.display().to_string();
     if meta.is_file() {
-        if meta.len() > MAX_COPY_BYTES {
-            return Err(format!("{} bytes, at most {MAX_COPY_BYTES}", meta.len()));
+        if meta.len() > MAX_FILE_COPY_BYTES as u64 {
+            return Err(format!(
+                "{} bytes, at most {MAX_FILE_COPY_BYTES}",
+                meta.len()
+            ));
         }
         let content = std::fs::read(source).map_err(|e| e.to_string())?;
-        return Ok(FileCopy {
+        return Ok(Some(FileCopy {
             source: source_str,
             content,
             mode,
             ..Default::default()
-        });
+        }));
     }
     let mut tree = Vec::new();
     let mut bytes = 0;
     walk(source, "", &mut tree, &mut bytes)?;
-    Ok(FileCopy {
+    Ok(Some(FileCopy {
         source: source_str,
         mode,
         directory: true,
         tree,
         ..Default::default()
-    })
+    }))
 }
 
 /// Appends what is below `dir` to `tree`, parents before children, names sorted.
@@ -160,8 +159,8 @@ fn walk(
             walk(&path, &rel, tree, bytes)?;
         } else if kind.is_file() {
             *bytes += meta.len();
-            if *bytes > MAX_COPY_BYTES {
-                return Err(format!("more than {MAX_COPY_BYTES} bytes"));
+            if *bytes > MAX_FILE_COPY_BYTES as u64 {
+                return Err(format!("more than {MAX_FILE_COPY_BYTES} bytes"));
             }
             entry.kind = Kind::FILE.into();
             entry.content = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -240,20 +239,20 @@ mod tests {
     fn what_cannot_be_copied_is_named() {
         let d = tempfile::tempdir().unwrap();
         nix::unistd::mkfifo(&d.path().join("pipe"), nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let e = copy(d.path()).unwrap_err();
+        let e = copy(d.path(), true).unwrap_err();
         assert!(e.ends_with("pipe is a fifo"), "{e}");
 
         let many = tempfile::tempdir().unwrap();
         for i in 0..=MAX_TREE_ENTRIES {
             std::fs::write(many.path().join(format!("f{i}")), b"").unwrap();
         }
-        let e = copy(many.path()).unwrap_err();
+        let e = copy(many.path(), true).unwrap_err();
         assert!(e.contains("more than 256 entries"), "{e}");
 
         let big = tempfile::tempdir().unwrap();
         std::fs::write(big.path().join("a"), vec![0u8; 700 << 10]).unwrap();
         std::fs::write(big.path().join("b"), vec![0u8; 700 << 10]).unwrap();
-        let e = copy(big.path()).unwrap_err();
+        let e = copy(big.path(), true).unwrap_err();
         assert!(e.contains("more than 1048576 bytes"), "{e}");
     }
 }

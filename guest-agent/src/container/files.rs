@@ -19,13 +19,12 @@ use spinbox_agent_api::agent::{FileCopy, TreeEntry};
 
 use super::rootfs::CONTAINERS_DIR;
 
-/// At most this many copies per container, each at most [`MAX_FILE_SIZE`] bytes (a
-/// directory's files together), all together at most [`MAX_TOTAL_SIZE`] (one CreateContainer
-/// message carries them), a directory at most [`MAX_TREE_ENTRIES`] entries.
-pub const MAX_FILES: usize = 16;
-pub const MAX_FILE_SIZE: usize = 1 << 20;
-pub const MAX_TOTAL_SIZE: usize = 2 << 20;
-pub const MAX_TREE_ENTRIES: usize = 256;
+/// The limits the shim keeps to (`spinbox_agent_api`): copies per container, bytes per copy
+/// (a directory's files together), bytes in all, entries per directory.
+pub use spinbox_agent_api::{
+    MAX_FILE_COPIES as MAX_FILES, MAX_FILE_COPIES_BYTES as MAX_TOTAL_SIZE,
+    MAX_FILE_COPY_BYTES as MAX_FILE_SIZE, MAX_TREE_ENTRIES,
+};
 /// A copy's mode when the host sent none.
 const DEFAULT_MODE: u32 = 0o644;
 

@@ -312,11 +312,10 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         .process
         .as_ref()
         .context("the spec has no \"process\"")?;
-    let process = process_plan(process, &mut warnings)?;
+    let mut process = process_plan(process, &mut warnings)?;
     let empty_linux = Linux::default();
     let linux = spec.linux.as_ref().unwrap_or(&empty_linux);
     warnings.extend(unenforced_confinement(spec));
-    let mut process = process;
     process.seccomp = match &linux.seccomp {
         Some(profile) if !profile.is_null() => Some(super::seccomp::compile_json(profile)?),
         _ => None,
