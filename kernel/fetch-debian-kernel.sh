@@ -16,7 +16,8 @@
 #                           (uncompressed)
 #   OUTDIR/modules.list     load order, as paths inside the initrd
 #                           (/lib/modules/<release>/kernel/...)
-# Does nothing when OUTDIR already holds the resolved package.
+#   OUTDIR/modules.wanted   the module names asked for (a changed list fetches again)
+# Does nothing when OUTDIR already holds the resolved package with the same modules.
 set -euo pipefail
 
 readonly META_PACKAGE=linux-image-cloud-amd64
@@ -28,6 +29,8 @@ readonly WANTED_MODULES=(
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
     overlay erofs
     button evdev
+    # the serial ports that carry a container's stdout and stderr (docs/ARCHITECTURE.md)
+    virtio_console
 )
 
 die() {
@@ -62,6 +65,7 @@ up_to_date() {
         -f $OUTDIR/config && -f $OUTDIR/modules.list ]] || return 1
     [[ $(<"$OUTDIR/kernel-release") == "$release" &&
         $(<"$OUTDIR/package") == "$package $version" ]] || return 1
+    [[ -f $OUTDIR/modules.wanted && $(<"$OUTDIR/modules.wanted") == "${WANTED_MODULES[*]}" ]] || return 1
     [[ -f $OUTDIR/vmlinux ]] || ! grep -qx 'CONFIG_PVH=y' "$OUTDIR/config"
 }
 if up_to_date; then
@@ -170,7 +174,7 @@ done
 
 mkdir -p "$OUTDIR"
 rm -rf -- "$OUTDIR/modules" "$OUTDIR/modules.list" "$OUTDIR/kernel-release" "$OUTDIR/package" \
-    "$OUTDIR/vmlinux"
+    "$OUTDIR/vmlinux" "$OUTDIR/modules.wanted"
 mkdir -p "$OUTDIR/modules"
 list=()
 for mod in "${ORDER[@]}"; do
@@ -203,6 +207,7 @@ if grep -qx 'CONFIG_PVH=y' "$OUTDIR/config"; then
     extract_vmlinux "$OUTDIR/vmlinuz" "$OUTDIR/vmlinux"
 fi
 echo "$package $version" >"$OUTDIR/package"
+echo "${WANTED_MODULES[*]}" >"$OUTDIR/modules.wanted"
 # Written last: its presence marks a complete fetch.
 echo "$release" >"$OUTDIR/kernel-release"
 log "wrote $OUTDIR: $release, ${#ORDER[@]} modules"

@@ -81,15 +81,72 @@ impl StdioStream {
 }
 
 /// The first line the host sends on a new connection to the stdio port:
-/// `STDIO <container_id> <exec_id or -> <stdin|stdout|stderr>\n`. After it the connection
-/// carries that stream's raw bytes; the writer's shutdown(SHUT_WR) is EOF.
+/// `STDIO <container_id> <exec_id or -> <stdin|stdout|stderr>[ port]\n`. After it the
+/// connection carries that stream's raw bytes; the writer's shutdown(SHUT_WR) is EOF.
+///
+/// With ` port` (output streams only) the host asks for the bytes on the stream's virtio
+/// serial port ([`output_port_name`]) instead. The agent answers with one byte: [`ROUTE_PORT`]
+/// (the bytes go by the port; at EOF the connection carries the stream's byte count, 8 bytes
+/// little-endian, then shutdown) or [`ROUTE_INLINE`] (no port for this stream: the bytes
+/// follow on the connection as without ` port`).
 pub fn stdio_header(container_id: &str, exec_id: &str, stream: StdioStream) -> String {
-    let exec = if exec_id.is_empty() { "-" } else { exec_id };
-    format!("STDIO {container_id} {exec} {}\n", stream.as_str())
+    StdioHeader {
+        container: container_id.to_owned(),
+        exec: exec_id.to_owned(),
+        stream,
+        port: false,
+    }
+    .line()
 }
 
-/// Parses a header line (without or with its newline) into (container_id, exec_id, stream).
-pub fn parse_stdio_header(line: &str) -> Option<(String, String, StdioStream)> {
+/// A parsed stdio header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StdioHeader {
+    pub container: String,
+    /// "" for the container's init.
+    pub exec: String,
+    pub stream: StdioStream,
+    /// The host asks for the bytes on the stream's serial port.
+    pub port: bool,
+}
+
+impl StdioHeader {
+    /// The header line, newline included.
+    pub fn line(&self) -> String {
+        let exec = if self.exec.is_empty() {
+            "-"
+        } else {
+            &self.exec
+        };
+        let port = if self.port { " port" } else { "" };
+        format!(
+            "STDIO {} {exec} {}{port}\n",
+            self.container,
+            self.stream.as_str()
+        )
+    }
+}
+
+/// The agent's answer to a ` port` header: the bytes go by the serial port.
+pub const ROUTE_PORT: u8 = b'P';
+/// The agent's answer to a ` port` header: the bytes follow on this connection.
+pub const ROUTE_INLINE: u8 = b'I';
+
+/// The virtio serial port (`virtserialport` name) that carries a container init's output
+/// stream, if that stream has one. Under emulation a serial port moves several times the
+/// bytes per guest CPU second of a vsock stream: the agent splices the process's pipe into
+/// it without copying (docs/ARCHITECTURE.md).
+pub fn output_port_name(stream: StdioStream) -> Option<&'static str> {
+    match stream {
+        StdioStream::Stdout => Some("spinbox.stdout"),
+        StdioStream::Stderr => Some("spinbox.stderr"),
+        StdioStream::Stdin => None,
+    }
+}
+
+/// Parses a header line (without or with its newline). ` port` is accepted on output
+/// streams only.
+pub fn parse_stdio_header(line: &str) -> Option<StdioHeader> {
     let mut parts = line.trim_end_matches('\n').split(' ');
     if parts.next()? != "STDIO" {
         return None;
@@ -105,10 +162,20 @@ pub fn parse_stdio_header(line: &str) -> Option<(String, String, StdioStream)> {
         "stderr" => StdioStream::Stderr,
         _ => return None,
     };
+    let port = match parts.next() {
+        None => false,
+        Some("port") if output_port_name(stream).is_some() => true,
+        Some(_) => return None,
+    };
     if parts.next().is_some() || container.is_empty() {
         return None;
     }
-    Some((container, exec, stream))
+    Some(StdioHeader {
+        container,
+        exec,
+        stream,
+        port,
+    })
 }
 
 /// Version of this API crate; the agent reports its own crate version in `HealthResponse`.
@@ -122,17 +189,43 @@ mod tests {
     fn stdio_header_round_trip() {
         let h = stdio_header("c1", "", StdioStream::Stdout);
         assert_eq!(h, "STDIO c1 - stdout\n");
+        let parsed = parse_stdio_header(&h).expect("parses");
         assert_eq!(
-            parse_stdio_header(&h),
-            Some(("c1".into(), String::new(), StdioStream::Stdout))
+            (
+                parsed.container.as_str(),
+                parsed.exec.as_str(),
+                parsed.stream,
+                parsed.port
+            ),
+            ("c1", "", StdioStream::Stdout, false)
         );
         let h = stdio_header("c1", "e7", StdioStream::Stdin);
+        let parsed = parse_stdio_header(&h).expect("parses");
         assert_eq!(
-            parse_stdio_header(&h),
-            Some(("c1".into(), "e7".into(), StdioStream::Stdin))
+            (parsed.exec.as_str(), parsed.stream),
+            ("e7", StdioStream::Stdin)
         );
         assert_eq!(parse_stdio_header("STDIO c1 - stdbad\n"), None);
         assert_eq!(parse_stdio_header("HELLO c1 - stdout\n"), None);
         assert_eq!(parse_stdio_header("STDIO c1 - stdout extra\n"), None);
+        assert_eq!(parse_stdio_header("STDIO c1 - stdout port port\n"), None);
+    }
+
+    #[test]
+    fn port_route_is_asked_for_output_streams_only() {
+        let header = StdioHeader {
+            container: "c1".into(),
+            exec: String::new(),
+            stream: StdioStream::Stderr,
+            port: true,
+        };
+        assert_eq!(header.line(), "STDIO c1 - stderr port\n");
+        assert_eq!(parse_stdio_header(&header.line()), Some(header));
+        assert_eq!(parse_stdio_header("STDIO c1 - stdin port\n"), None);
+        assert_eq!(
+            output_port_name(StdioStream::Stdout),
+            Some("spinbox.stdout")
+        );
+        assert_eq!(output_port_name(StdioStream::Stdin), None);
     }
 }

@@ -163,6 +163,9 @@ pub struct VmDefaults {
     pub kernel_args: Vec<String>,
     /// Size of each container's writable layer image (sparse: only written blocks use disk).
     pub rootfs_upper_mib: u64,
+    /// Give each VM virtio serial ports for its container's stdout and stderr (the init's,
+    /// without a terminal); false: those streams travel on vsock like every other.
+    pub output_ports: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,6 +225,7 @@ impl Default for VmDefaults {
             agent_port: 1024,
             kernel_args: Vec::new(),
             rootfs_upper_mib: 2048,
+            output_ports: true,
         }
     }
 }

@@ -505,6 +505,7 @@ impl Container {
         let agent = vm.agent().clone();
         let transport = vm.transport().clone();
         let vm_exit = vm.exit_watch();
+        let output_ports = vm.take_output_ports();
         acquired.vm = Some(vm);
 
         if share_vm_network {
@@ -557,6 +558,7 @@ impl Container {
             &opts.stdio,
             config.timeouts.device_detection,
             Some(stdio::FirstOutput::new(&opts.id, timeline.started)),
+            output_ports,
         )
         .await
         .map_err(|e| failed(P::Stdio, ContainerError::Stdio(e)))?;

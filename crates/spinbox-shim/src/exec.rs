@@ -75,6 +75,7 @@ impl Exec {
             &stdio,
             connect_limit,
             None,
+            None,
         )
         .await
         {

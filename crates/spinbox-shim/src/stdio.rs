@@ -3,14 +3,20 @@
 //! containerd hands the shim paths (fifos, or files); each stream travels on its own vsock
 //! connection to the agent's stdio port, announced by a header line. Bytes are copied by
 //! tokio tasks; RPC payloads never carry them.
+//!
+//! A container's own stdout and stderr (its init's, without a terminal) take the VM's
+//! output serial ports when it has them (`vm.output_ports`): the vsock connection then
+//! carries only the agent's route byte and, at EOF, the stream's byte count, and the bytes
+//! come from the port's socket (see [`spinbox_agent_api::stdio_header`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use spinbox_agent_api::{stdio_header, StdioStream};
+use spinbox_agent_api::{stdio_header, StdioHeader, StdioStream, ROUTE_INLINE, ROUTE_PORT};
 use spinbox_vmm::process::{place_fds, PassFd};
+use spinbox_vmm::vm::OutputPorts;
 use spinbox_vmm::vsock::VsockTransport;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -19,6 +25,9 @@ use tokio::task::JoinHandle;
 /// After CloseIO, stdin is copied on until its input has been idle this long: the client
 /// wrote what it had before it asked to close, and its writer stays open until CloseIO returns.
 const STDIN_DRAIN_IDLE: Duration = Duration::from_millis(50);
+
+/// Read size from an output serial port's socket.
+const PORT_READ: usize = 256 * 1024;
 
 /// The stdio paths containerd gave for a process (empty = not wanted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,15 +128,100 @@ impl StdioPumps {
 async fn open_stream(
     transport: &VsockTransport,
     port: u32,
-    container_id: &str,
-    exec_id: &str,
-    which: StdioStream,
+    header: &str,
     limit: Duration,
 ) -> io::Result<ttrpc::r#async::transport::Socket> {
     let mut s = transport.connect(port, limit).await?;
-    s.write_all(stdio_header(container_id, exec_id, which).as_bytes())
-        .await?;
+    s.write_all(header.as_bytes()).await?;
     Ok(s)
+}
+
+/// One output stream to `out`: from the connection, or when the agent routed it to the
+/// serial port whose host end is `port`, from the port until the byte count the connection
+/// ends with.
+async fn copy_output<W: AsyncWrite + Unpin>(
+    mut conn: ttrpc::r#async::transport::Socket,
+    port: Option<std::os::unix::net::UnixStream>,
+    out: &mut W,
+    report: Option<(FirstOutput, StdioStream)>,
+) -> io::Result<u64> {
+    let Some(port) = port else {
+        return tokio::io::copy(&mut FirstByte::new(conn, report, "vsock"), out).await;
+    };
+    let mut route = [0u8; 1];
+    conn.read_exact(&mut route)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("the agent's route answer: {e}")))?;
+    match route[0] {
+        ROUTE_INLINE => tokio::io::copy(&mut FirstByte::new(conn, report, "vsock"), out).await,
+        ROUTE_PORT => {
+            port.set_nonblocking(true)?;
+            let port = tokio::net::UnixStream::from_std(port)?;
+            copy_from_port(conn, FirstByte::new(port, report, "port"), out).await
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the agent answered the port request with {other:#04x}"),
+        )),
+    }
+}
+
+/// Port -> `out` until as many bytes as the count `conn` ends with (8 bytes, little-endian)
+/// have arrived: the port itself has no end of stream.
+async fn copy_from_port<C, P, W>(mut conn: C, mut port: P, out: &mut W) -> io::Result<u64>
+where
+    C: AsyncRead + Unpin,
+    P: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let count = async move {
+        let mut b = [0u8; 8];
+        conn.read_exact(&mut b).await.map(|_| u64::from_le_bytes(b))
+    };
+    tokio::pin!(count);
+    let mut expected: Option<u64> = None;
+    let mut copied = 0u64;
+    let mut buf = vec![0u8; PORT_READ];
+    loop {
+        if let Some(total) = expected {
+            if copied >= total {
+                break;
+            }
+        }
+        let want = match expected {
+            Some(total) => usize::try_from(total - copied)
+                .unwrap_or(PORT_READ)
+                .min(PORT_READ),
+            None => PORT_READ,
+        };
+        tokio::select! {
+            r = &mut count, if expected.is_none() => {
+                let total = r.map_err(|e| io::Error::new(
+                    e.kind(),
+                    format!("the stream ended without its byte count after {copied} bytes: {e}"),
+                ))?;
+                if total < copied {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the agent counted {total} bytes, the port carried {copied}"),
+                    ));
+                }
+                expected = Some(total);
+            }
+            r = port.read(&mut buf[..want]) => {
+                let n = r?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the serial port closed after {copied} bytes"),
+                    ));
+                }
+                out.write_all(&buf[..n]).await?;
+                copied += n as u64;
+            }
+        }
+    }
+    Ok(copied)
 }
 
 /// The process whose streams [`connect`] opens: its container, exec id ("" for the init) and
@@ -158,11 +252,13 @@ impl FirstOutput {
         }
     }
 
-    fn arrived(&self, stream: StdioStream) {
+    /// `route`: `port` (the VM's serial port) or `vsock`.
+    fn arrived(&self, stream: StdioStream, route: &'static str) {
         if !self.seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::info!(
                 id = %self.id,
                 stream = stream.as_str(),
+                route,
                 since_create_ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "first output"
             );
@@ -175,7 +271,16 @@ impl FirstOutput {
 /// waits (a read-then-write loop with 64 KiB reads measured no faster).
 struct FirstByte<R> {
     inner: R,
-    report: Option<(FirstOutput, StdioStream)>,
+    report: Option<(FirstOutput, StdioStream, &'static str)>,
+}
+
+impl<R> FirstByte<R> {
+    fn new(inner: R, report: Option<(FirstOutput, StdioStream)>, route: &'static str) -> Self {
+        FirstByte {
+            inner,
+            report: report.map(|(f, s)| (f, s, route)),
+        }
+    }
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for FirstByte<R> {
@@ -187,8 +292,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for FirstByte<R> {
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            if let Some((first, stream)) = self.report.take() {
-                first.arrived(stream);
+            if let Some((first, stream, route)) = self.report.take() {
+                first.arrived(stream, route);
             }
         }
         polled
@@ -468,7 +573,9 @@ async fn start_binary_logger(
 }
 
 /// Connects the streams containerd asked for and starts copying. Output streams are fully
-/// connected before this returns, so nothing the process writes can be lost.
+/// connected before this returns, so nothing the process writes can be lost. With
+/// `output_ports` (a container's init without a terminal) stdout and stderr ask for the
+/// VM's serial ports.
 pub async fn connect(
     transport: &VsockTransport,
     port: u32,
@@ -476,6 +583,7 @@ pub async fn connect(
     paths: &StdioPaths,
     limit: Duration,
     first_output: Option<FirstOutput>,
+    output_ports: Option<OutputPorts>,
 ) -> io::Result<StdioPumps> {
     let ProcessRef {
         container_id,
@@ -483,6 +591,10 @@ pub async fn connect(
         namespace,
     } = *process;
     let mut pumps = StdioPumps::default();
+    let (mut stdout_port, mut stderr_port) = match output_ports {
+        Some(p) if !paths.terminal => (Some(p.stdout), Some(p.stderr)),
+        _ => (None, None),
+    };
     // containerd gives the same binary:// URI for stdout and stderr: one logger for both.
     let mut logger: Option<(Option<std::fs::File>, Option<std::fs::File>)> = None;
     for (which, path) in [
@@ -511,15 +623,22 @@ pub async fn connect(
                 Box::new(tokio::net::unix::pipe::Sender::from_file(file)?)
             }
         };
-        let stream = open_stream(transport, port, container_id, exec_id, which, limit)
+        let serial = match which {
+            StdioStream::Stdout => stdout_port.take(),
+            _ => stderr_port.take(),
+        };
+        let header = StdioHeader {
+            container: container_id.to_owned(),
+            exec: exec_id.to_owned(),
+            stream: which,
+            port: serial.is_some(),
+        };
+        let stream = open_stream(transport, port, &header.line(), limit)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{} stream: {e}", which.as_str())))?;
-        let mut stream = FirstByte {
-            inner: stream,
-            report: first_output.clone().map(|f| (f, which)),
-        };
+        let report = first_output.clone().map(|f| (f, which));
         let handle = tokio::spawn(async move {
-            let n = tokio::io::copy(&mut stream, &mut out).await?;
+            let n = copy_output(stream, serial, &mut out, report).await?;
             out.flush().await?;
             Ok(n)
         });
@@ -532,9 +651,7 @@ pub async fn connect(
         let mut stream = open_stream(
             transport,
             port,
-            container_id,
-            exec_id,
-            StdioStream::Stdin,
+            &stdio_header(container_id, exec_id, StdioStream::Stdin),
             limit,
         )
         .await
@@ -598,6 +715,67 @@ mod tests {
         )
         .await;
         assert!(pending.is_err(), "without CloseIO or EOF the copy waits");
+    }
+
+    /// The port's bytes are delivered up to the count the connection ends with, whether the
+    /// count comes before the last bytes or after them; a short port or a count below what
+    /// arrived is an error.
+    #[tokio::test]
+    async fn port_copy_ends_at_the_agents_count() {
+        let payload: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+        for count_first in [true, false] {
+            let (mut conn_agent, conn) = tokio::io::duplex(64);
+            let (mut port_agent, port) = tokio::io::duplex(64 * 1024);
+            let data = payload.clone();
+            let agent = tokio::spawn(async move {
+                let count = (data.len() as u64).to_le_bytes();
+                if count_first {
+                    conn_agent.write_all(&count).await.unwrap();
+                }
+                port_agent.write_all(&data).await.unwrap();
+                if !count_first {
+                    conn_agent.write_all(&count).await.unwrap();
+                }
+                // Neither side closes: the count alone ends the copy.
+                (conn_agent, port_agent)
+            });
+            let mut out = Vec::new();
+            let n = tokio::time::timeout(
+                Duration::from_secs(10),
+                copy_from_port(conn, port, &mut out),
+            )
+            .await
+            .expect("the copy ended at the count")
+            .unwrap();
+            assert_eq!(n, payload.len() as u64);
+            assert!(
+                out == payload,
+                "other bytes arrived (count first: {count_first})"
+            );
+            drop(agent.await.unwrap());
+        }
+
+        // The port closes before the counted bytes arrived.
+        let (mut conn_agent, conn) = tokio::io::duplex(64);
+        let (mut port_agent, port) = tokio::io::duplex(1024);
+        conn_agent.write_all(&100u64.to_le_bytes()).await.unwrap();
+        port_agent.write_all(b"short").await.unwrap();
+        drop(port_agent);
+        let err = copy_from_port(conn, port, &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("closed after 5 bytes"), "{err}");
+
+        // The connection ends without a count.
+        let (conn_agent, conn) = tokio::io::duplex(64);
+        let (mut port_agent, port) = tokio::io::duplex(1024);
+        port_agent.write_all(b"abc").await.unwrap();
+        drop(conn_agent);
+        let err = copy_from_port(conn, port, &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("without its byte count"), "{err}");
+        drop(port_agent);
     }
 
     #[test]

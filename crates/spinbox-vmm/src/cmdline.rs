@@ -302,6 +302,44 @@ impl QemuArg for VirtioNetTap {
     }
 }
 
+/// One `virtserialport` on a connected socket the runtime passes as `fd` (QEMU uses it as a
+/// client chardev: no socket file, no listener).
+#[derive(Debug, Clone)]
+pub struct SerialPort {
+    /// The name the guest finds it by (`/sys/class/virtio-ports/*/name`).
+    pub name: String,
+    pub fd: i32,
+}
+
+/// A `virtio-serial-pci` controller with its ports (numbered from 1; 0 is the console's).
+#[derive(Debug, Clone)]
+pub struct VirtioSerialPorts {
+    pub ports: Vec<SerialPort>,
+}
+
+impl QemuArg for VirtioSerialPorts {
+    fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "-device".into(),
+            format!(
+                "virtio-serial-pci,id=serial0,max_ports={}",
+                self.ports.len() + 1
+            ),
+        ];
+        for (i, port) in self.ports.iter().enumerate() {
+            args.push("-chardev".into());
+            args.push(format!("socket,id=port{i},fd={}", port.fd));
+            args.push("-device".into());
+            args.push(format!(
+                "virtserialport,bus=serial0.0,nr={},chardev=port{i},name={}",
+                i + 1,
+                escape_opt(&port.name)
+            ));
+        }
+        args
+    }
+}
+
 /// An ordered QEMU command line.
 #[derive(Default)]
 pub struct QemuCommandLine {
@@ -527,6 +565,37 @@ mod tests {
         assert_eq!(
             joined(&m),
             "-m 256M -object memory-backend-memfd,id=mem,size=256M,share=off"
+        );
+    }
+
+    #[test]
+    fn serial_ports_on_passed_sockets() {
+        let serial = VirtioSerialPorts {
+            ports: vec![
+                SerialPort {
+                    name: "spinbox.stdout".into(),
+                    fd: 9,
+                },
+                SerialPort {
+                    name: "a,b".into(),
+                    fd: 10,
+                },
+            ],
+        };
+        assert_eq!(
+            serial.to_args(),
+            [
+                "-device",
+                "virtio-serial-pci,id=serial0,max_ports=3",
+                "-chardev",
+                "socket,id=port0,fd=9",
+                "-device",
+                "virtserialport,bus=serial0.0,nr=1,chardev=port0,name=spinbox.stdout",
+                "-chardev",
+                "socket,id=port1,fd=10",
+                "-device",
+                "virtserialport,bus=serial0.0,nr=2,chardev=port1,name=a,,b",
+            ]
         );
     }
 

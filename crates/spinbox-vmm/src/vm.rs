@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use spinbox_agent_api::agent::{HealthRequest, HealthResponse, PrepareShutdownRequest};
 use spinbox_agent_api::agent_ttrpc::AgentClient;
+use spinbox_agent_api::{output_port_name, StdioStream};
 use spinbox_config::Config;
 use tokio::sync::watch;
 
@@ -27,6 +28,8 @@ const QMP_FD: i32 = 3;
 const VHOST_FD: i32 = 4;
 /// TAP fds of the NICs: FIRST_NIC_FD, FIRST_NIC_FD + 1, ...
 const FIRST_NIC_FD: i32 = 5;
+/// QEMU's ends of the output serial ports' socket pairs: stdout, then stderr.
+const FIRST_PORT_FD: i32 = FIRST_NIC_FD + MAX_NICS as i32;
 /// Longest path a unix socket address holds (sun_path, less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -48,6 +51,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("creating the socket pair of an output serial port (vm.output_ports): {0}")]
+    OutputPort(#[source] std::io::Error),
     #[error("claiming a guest CID on /dev/vhost-vsock: {0}")]
     Cid(#[source] std::io::Error),
     #[error("starting {what} ({program}): {source}")]
@@ -181,6 +186,14 @@ pub struct VmOptions {
     pub nics: Vec<NicAttach>,
 }
 
+/// The host ends of a VM's output serial ports (`vm.output_ports`): connected sockets whose
+/// peers are QEMU's chardevs of the `spinbox.stdout` and `spinbox.stderr` ports.
+#[derive(Debug)]
+pub struct OutputPorts {
+    pub stdout: std::os::unix::net::UnixStream,
+    pub stderr: std::os::unix::net::UnixStream,
+}
+
 /// A running microVM whose agent has answered.
 pub struct Vm {
     id: String,
@@ -200,6 +213,8 @@ pub struct Vm {
     /// The shutdown's outcome: the first caller climbs the ladder, later and concurrent
     /// callers wait for it and get the same report.
     shutdown: tokio::sync::OnceCell<ShutdownReport>,
+    /// The output ports' host ends, until the container's streams take them.
+    output_ports: std::sync::Mutex<Option<OutputPorts>>,
     // Held so the kernel keeps the CID claimed for this VM until it is gone.
     _vhost_fd: Option<OwnedFd>,
 }
@@ -682,6 +697,35 @@ impl Vm {
                 mac: nic.mac.clone(),
             });
         }
+        // The output ports: socket pairs, QEMU's ends passed, ours kept for the container.
+        let mut output_ports = None;
+        let mut qemu_port_ends = Vec::new();
+        if config.vm.output_ports {
+            let pair = || std::os::unix::net::UnixStream::pair().map_err(VmError::OutputPort);
+            let (stdout, qemu_stdout) = pair()?;
+            let (stderr, qemu_stderr) = pair()?;
+            let mut ports = Vec::new();
+            for (i, (stream, end)) in [
+                (StdioStream::Stdout, qemu_stdout),
+                (StdioStream::Stderr, qemu_stderr),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let dst = FIRST_PORT_FD + i as i32;
+                fds.push(PassFd {
+                    src: end.as_raw_fd(),
+                    dst,
+                });
+                ports.push(cmdline::SerialPort {
+                    name: output_port_name(stream).unwrap_or_default().to_owned(),
+                    fd: dst,
+                });
+                qemu_port_ends.push(end);
+            }
+            cmd.push(cmdline::VirtioSerialPorts { ports });
+            output_ports = Some(OutputPorts { stdout, stderr });
+        }
         match &transport {
             VsockTransport::Kernel { cid } => {
                 if let Some(fd) = &vhost_fd {
@@ -740,8 +784,9 @@ impl Vm {
             .update(|r| r.qemu = Some(qemu_rec))
             .await
             .map_err(record_err)?;
-        // QEMU holds the listener now; our copy is not needed.
+        // QEMU holds the listener and its port ends now; our copies are not needed.
         drop(qmp_listener);
+        drop(qemu_port_ends);
 
         let qmp_stream = tokio::net::UnixStream::connect(&qmp_path)
             .await
@@ -861,12 +906,22 @@ impl Vm {
             agent,
             boot,
             shutdown: tokio::sync::OnceCell::new(),
+            output_ports: std::sync::Mutex::new(output_ports),
             _vhost_fd: vhost_fd,
         })
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The output ports' host ends, once (None: `vm.output_ports` is off, or they were
+    /// taken).
+    pub fn take_output_ports(&self) -> Option<OutputPorts> {
+        self.output_ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
     pub fn boot_info(&self) -> &BootInfo {
         &self.boot

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use spinbox_agent_api::StdioStream;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
+use tokio::io::{AsyncReadExt as _, AsyncWrite};
 use tokio::net::unix::pipe;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::AbortHandle;
@@ -95,7 +95,7 @@ impl StatusPipe {
 }
 
 type Input = Box<dyn AsyncWrite + Send + Unpin>;
-type Output = Box<dyn AsyncRead + Send + Unpin>;
+type Output = stdio::OutputEnd;
 
 /// A process's stdio before it is launched: the child's fds 0-2 and the agent's ends.
 pub(super) struct Stdio {
@@ -134,7 +134,10 @@ impl Stdio {
         let mut output = |wanted: bool, stream: StdioStream| -> std::io::Result<OwnedFd> {
             if wanted {
                 let (r, w) = pipe_pair()?;
-                outputs.push((Some(stream), Box::new(pipe::Receiver::from_owned_fd(r)?)));
+                outputs.push((
+                    Some(stream),
+                    stdio::OutputEnd::Pipe(pipe::Receiver::from_owned_fd(r)?),
+                ));
                 Ok(w)
             } else {
                 dev_null(true)
@@ -160,7 +163,7 @@ impl Stdio {
             None
         };
         // Read even when nobody listens: a full pty would block the process.
-        let reader: Output = Box::new(pty::PtyReader::new(pair.master.try_clone()?)?);
+        let reader = stdio::OutputEnd::Terminal(pty::PtyReader::new(pair.master.try_clone()?)?);
         let outputs = vec![(stdout.then_some(StdioStream::Stdout), reader)];
         Ok(Stdio {
             stdin: pair.slave.try_clone()?,
