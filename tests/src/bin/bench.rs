@@ -70,7 +70,21 @@ fn run_rm(
     cmd: &[&str],
     stdout: Stdio,
 ) -> (Duration, std::process::Output) {
-    let mut args = vec!["run", "--rm", "--runtime", runtime, IMAGE, id];
+    run_rm_with(ctr, runtime, &[], id, cmd, stdout)
+}
+
+/// [`run_rm`] with extra `ctr run` flags (`--runtime-config-path …`).
+fn run_rm_with(
+    ctr: &Ctr,
+    runtime: &str,
+    extra: &[&str],
+    id: &str,
+    cmd: &[&str],
+    stdout: Stdio,
+) -> (Duration, std::process::Output) {
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id]);
     args.extend_from_slice(cmd);
     let started = Instant::now();
     let out = ctr
@@ -279,9 +293,11 @@ fn main() {
         target: String::new(),
     });
 
-    // stdout throughput: MiB through stdout into a file; the runtime's cold start (its
-    // median above) is taken off the wall time. The producer is `dd` with 64 KiB writes:
-    // busybox `head -c` copies in small pieces and is itself the bottleneck under TCG.
+    // stdout throughput: MiB through stdout into a file. Off each wall time comes the median
+    // wall of the same command writing nothing (`count=0`), run alternately with the same
+    // runtime and route: boot, teardown and the empty `dd` cancel out. The producer is `dd`
+    // with 64 KiB writes: busybox `head -c` copies in small pieces and is itself the
+    // bottleneck under TCG.
     let stdout_runs = runs.min(3);
     eprintln!("bench: stdout {stdout_mib} MiB x{stdout_runs}");
     let producer = format!(
@@ -294,26 +310,59 @@ fn main() {
         "a=$(cut -d' ' -f1 /proc/uptime); {producer} | cat >/dev/null; \
          b=$(cut -d' ' -f1 /proc/uptime); echo \"$a $b\""
     );
-    let (mut s_tp, mut r_tp, mut ceiling) =
-        (Samples::default(), Samples::default(), Samples::default());
+    // spinbox with `vm.output_ports: false`: the container's stdout on vsock, as execs'.
+    let mut vsock_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).expect("read the config"))
+            .expect("config JSON");
+    vsock_config["vm"]["output_ports"] = false.into();
+    let vsock_config_path = scratch.path().join("vsock-route.json");
+    std::fs::write(
+        &vsock_config_path,
+        serde_json::to_vec(&vsock_config).expect("config JSON"),
+    )
+    .expect("write the vsock-route config");
+    let vsock_config_path = vsock_config_path.display().to_string();
+    let vsock_route = ["--runtime-config-path", vsock_config_path.as_str()];
+    let (mut s_tp, mut r_tp, mut v_tp, mut ceiling) = (
+        Samples::default(),
+        Samples::default(),
+        Samples::default(),
+        Samples::default(),
+    );
+    let empty = "dd if=/dev/zero bs=65536 count=0 2>/dev/null";
+    // Per variant: the wall times with bytes, and without.
+    let mut walls: [(Vec<f64>, Samples); 3] = Default::default();
     for i in 0..stdout_runs {
-        for (runtime, cold, samples, tag) in [
-            (RUNTIME, &s_cold, &mut s_tp, "s"),
-            (RUNC, &r_cold, &mut r_tp, "r"),
-        ] {
-            let path = scratch.path().join(format!("out-{tag}{i}"));
-            let file = std::fs::File::create(&path).expect("output file");
-            let (took, _) = run_rm(
+        for (v, (runtime, extra, tag)) in [
+            (RUNTIME, &[][..], "s"),
+            (RUNC, &[][..], "r"),
+            (RUNTIME, &vsock_route[..], "v"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (took, _) = run_rm_with(
                 &ctr,
                 runtime,
+                extra,
+                &format!("bench-out0-{tag}{i}"),
+                &["sh", "-c", empty],
+                Stdio::null(),
+            );
+            walls[v].1.push(ms(took));
+            let path = scratch.path().join(format!("out-{tag}{i}"));
+            let file = std::fs::File::create(&path).expect("output file");
+            let (took, _) = run_rm_with(
+                &ctr,
+                runtime,
+                extra,
                 &format!("bench-out-{tag}{i}"),
                 &["sh", "-c", &producer],
                 Stdio::from(file),
             );
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             assert_eq!(size, stdout_mib * 1024 * 1024, "{runtime}: output size");
-            let secs = (ms(took) - cold.median()).max(1.0) / 1000.0;
-            samples.push(stdout_mib as f64 / secs);
+            walls[v].0.push(ms(took));
             let _ = std::fs::remove_file(&path);
         }
         let (_, out) = run_rm(
@@ -327,15 +376,26 @@ fn main() {
             .unwrap_or_else(|| panic!("ceiling: unexpected output {:?}", out.stdout));
         ceiling.push(stdout_mib as f64 / secs.max(0.001));
     }
+    for ((with_bytes, empty), samples) in walls.iter().zip([&mut s_tp, &mut r_tp, &mut v_tp]) {
+        for wall in with_bytes {
+            let secs = (wall - empty.median()).max(1.0) / 1000.0;
+            samples.push(stdout_mib as f64 / secs);
+        }
+    }
     let tp_ratio = s_tp.median() / r_tp.median();
     rows.push(Row {
         what: format!("stdout {stdout_mib} MiB to a file (`dd bs=64k`)"),
         spinbox: s_tp.show("MiB/s"),
         runc: r_tp.show("MiB/s"),
-        other: format!("in-guest pipe {}", ceiling.show("MiB/s")),
+        other: format!(
+            "vsock route {}; in-guest pipe {}",
+            v_tp.show("MiB/s"),
+            ceiling.show("MiB/s")
+        ),
         ratio: format!(
-            "/runc {:.2}, /in-guest pipe {:.2}",
+            "/runc {:.2}, /vsock route {:.1}, /in-guest pipe {:.2}",
             tp_ratio,
+            s_tp.median() / v_tp.median(),
             s_tp.median() / ceiling.median()
         ),
         target: format!(
