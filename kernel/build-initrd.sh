@@ -90,6 +90,13 @@ if [[ -f $KERNEL_DIR/modules.list ]]; then
         [[ -z $path ]] || [[ -f $tree$path ]] || die "modules.list names $path, not in $KERNEL_DIR/modules"
     done <"$KERNEL_DIR/modules.list"
     install -m 0644 -- "$KERNEL_DIR/modules.list" "$tree/lib/modules/spinbox-modules.list"
+    if [[ -f $KERNEL_DIR/modules.ondemand.list ]]; then
+        while IFS= read -r path; do
+            [[ -z $path ]] || [[ -f $tree$path ]] || die "modules.ondemand.list names $path, not in $KERNEL_DIR/modules"
+        done <"$KERNEL_DIR/modules.ondemand.list"
+        install -m 0644 -- "$KERNEL_DIR/modules.ondemand.list" \
+            "$tree/lib/modules/spinbox-modules-ondemand.list"
+    fi
     if [[ $SIGNATURES == strip ]]; then
         while IFS= read -r -d '' ko; do
             strip_signature "$ko"

@@ -16,6 +16,7 @@
 #                           (uncompressed)
 #   OUTDIR/modules.list     load order, as paths inside the initrd
 #                           (/lib/modules/<release>/kernel/...)
+#   OUTDIR/modules.ondemand.list  the same for modules the agent loads only when needed
 #   OUTDIR/modules.wanted   the module names asked for (a changed list fetches again)
 # Does nothing when OUTDIR already holds the resolved package with the same modules.
 set -euo pipefail
@@ -32,6 +33,9 @@ readonly WANTED_MODULES=(
     # the serial ports that carry a container's stdout and stderr (docs/ARCHITECTURE.md)
     virtio_console
 )
+# Modules the agent loads only when a container needs them (in this order, dependencies
+# first): virtio-fs for writable host directory binds.
+readonly ONDEMAND_MODULES=(fuse virtiofs)
 
 die() {
     echo "fetch-debian-kernel: $*" >&2
@@ -65,7 +69,7 @@ up_to_date() {
         -f $OUTDIR/config && -f $OUTDIR/modules.list ]] || return 1
     [[ $(<"$OUTDIR/kernel-release") == "$release" &&
         $(<"$OUTDIR/package") == "$package $version" ]] || return 1
-    [[ -f $OUTDIR/modules.wanted && $(<"$OUTDIR/modules.wanted") == "${WANTED_MODULES[*]}" ]] || return 1
+    [[ -f $OUTDIR/modules.wanted && $(<"$OUTDIR/modules.wanted") == "${WANTED_MODULES[*]} / ${ONDEMAND_MODULES[*]}" ]] || return 1
     [[ -f $OUTDIR/vmlinux ]] || ! grep -qx 'CONFIG_PVH=y' "$OUTDIR/config"
 }
 if up_to_date; then
@@ -171,10 +175,18 @@ for name in "${WANTED_MODULES[@]}"; do
         die "module $name is neither in modules.dep nor built in"
     fi
 done
+boot_count=${#ORDER[@]}
+for name in "${ONDEMAND_MODULES[@]}"; do
+    if [[ -n ${PATH_OF[$name]:-} ]]; then
+        visit "${PATH_OF[$name]}"
+    elif [[ -z ${BUILTIN[$name]:-} ]]; then
+        die "module $name is neither in modules.dep nor built in"
+    fi
+done
 
 mkdir -p "$OUTDIR"
 rm -rf -- "$OUTDIR/modules" "$OUTDIR/modules.list" "$OUTDIR/kernel-release" "$OUTDIR/package" \
-    "$OUTDIR/vmlinux" "$OUTDIR/modules.wanted"
+    "$OUTDIR/vmlinux" "$OUTDIR/modules.wanted" "$OUTDIR/modules.ondemand.list"
 mkdir -p "$OUTDIR/modules"
 list=()
 for mod in "${ORDER[@]}"; do
@@ -200,14 +212,15 @@ for mod in "${ORDER[@]}"; do
     echo "$line"
 done >"$OUTDIR/modules/modules.dep"
 
-printf '%s\n' "${list[@]}" >"$OUTDIR/modules.list"
+printf '%s\n' "${list[@]:0:boot_count}" >"$OUTDIR/modules.list"
+printf '%s\n' "${list[@]:boot_count}" >"$OUTDIR/modules.ondemand.list"
 cp -- "$root/boot/vmlinuz-$release" "$OUTDIR/vmlinuz"
 cp -- "$root/boot/config-$release" "$OUTDIR/config"
 if grep -qx 'CONFIG_PVH=y' "$OUTDIR/config"; then
     extract_vmlinux "$OUTDIR/vmlinuz" "$OUTDIR/vmlinux"
 fi
 echo "$package $version" >"$OUTDIR/package"
-echo "${WANTED_MODULES[*]}" >"$OUTDIR/modules.wanted"
+echo "${WANTED_MODULES[*]} / ${ONDEMAND_MODULES[*]}" >"$OUTDIR/modules.wanted"
 # Written last: its presence marks a complete fetch.
 echo "$release" >"$OUTDIR/kernel-release"
 log "wrote $OUTDIR: $release, ${#ORDER[@]} modules"

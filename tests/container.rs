@@ -726,6 +726,7 @@ async fn containers_run_with_oci_semantics_in_one_guest() {
             },
         ],
         nics: Vec::new(),
+        shares: Vec::new(),
     };
     let vm = Vm::start_with("containers", &config, &options, &HostCaps::probe())
         .await

@@ -565,14 +565,84 @@ async fn read_only_directory_binds_arrive_as_copies() {
 /// What the guest does not apply as the spec says is logged in containerd's log, by container:
 /// an AppArmor profile (the guest runs no AppArmor) and a writable bind mount of a host
 /// directory (none is shared with the VM).
+/// A host directory bound writable (hostPath and emptyDir volumes, `docker run -v`) is shared
+/// live through virtio-fs: the container reads what the host put there, its writes (files,
+/// directories, modes, root ownership) land in the host directory as under runc, and a file
+/// the host writes while the container runs shows up in it.
+#[tokio::test]
+async fn writable_directory_binds_are_shared_live_like_runc() {
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("host.txt"), "from the host\n").unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        dir.path().display()
+    );
+    let probe = [
+        "sh",
+        "-c",
+        "cat /data/host.txt && echo written >/data/new.txt && chmod 640 /data/new.txt && \
+         mkdir -p /data/d/e && echo deep >/data/d/e/f && ls -lnR /data | grep -v '^total' | \
+         awk '{print $1, $3, $4, $NF}'",
+    ];
+    let mut seen = Vec::new();
+    for (runtime, id) in [(RUNTIME, "e2e-share"), (RUNC, "e2e-share-runc")] {
+        let out = ctr.run_container(runtime, id, &["--mount", &mount], &probe, None);
+        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+        let new = dir.path().join("new.txt");
+        assert_eq!(std::fs::read_to_string(&new).unwrap(), "written\n", "{id}");
+        let meta = std::fs::metadata(&new).unwrap();
+        assert_eq!(
+            (
+                std::os::unix::fs::MetadataExt::uid(&meta),
+                std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777
+            ),
+            (0, 0o640),
+            "{id}: owner and mode on the host"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("d/e/f")).unwrap(),
+            "deep\n",
+            "{id}"
+        );
+        seen.push(text(&out.stdout));
+        std::fs::remove_file(&new).unwrap();
+        std::fs::remove_dir_all(dir.path().join("d")).unwrap();
+    }
+    assert!(seen[0].starts_with("from the host\n"), "{}", seen[0]);
+    assert_eq!(seen[0], seen[1], "the same tree as runc");
+
+    // Live: the container waits for a file the host writes after it started.
+    let wait = [
+        "sh",
+        "-c",
+        "i=0; while [ ! -e /data/late ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+         cat /data/late",
+    ];
+    let late = dir.path().join("late");
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(4));
+        std::fs::write(late, "written later\n").unwrap();
+    });
+    let out = ctr.run_container(RUNTIME, "e2e-share-live", &["--mount", &mount], &wait, None);
+    writer.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "written later\n");
+    ctr.assert_clean();
+}
+
 #[tokio::test]
 async fn unapplied_spec_parts_are_logged_by_the_shim() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
+    // A fifo: neither a file nor a directory, so neither copied nor shared.
     let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let mount = format!(
         "type=bind,src={},dst=/data,options=rbind:rw",
-        dir.path().display()
+        fifo.display()
     );
     let out = ctr.run_container(
         RUNTIME,
@@ -599,7 +669,7 @@ async fn unapplied_spec_parts_are_logged_by_the_shim() {
     assert!(
         warned(&format!(
             "mount /data: bind source \"{}\" is not in the guest",
-            dir.path().display()
+            fifo.display()
         )),
         "mount warning in the log"
     );

@@ -133,7 +133,28 @@ async fn create_failing_in_each_phase_names_it_and_leaves_nothing() {
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(data.join("layers"), "not a directory").unwrap();
     };
+    // A writable directory bind: the container needs a virtiofsd.
+    let volume = tempfile::tempdir().unwrap();
+    let bind = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        volume.path().display()
+    );
     let cases: Vec<(&str, PathBuf, &[&str])> = vec![
+        (
+            "virtiofsd-missing",
+            config_variant(dir.path(), "virtiofsd-missing", |c| {
+                c["paths"]["virtiofsd"] = "/nonexistent/virtiofsd".into();
+            }),
+            &["vm phase", "paths.virtiofsd", "/nonexistent/virtiofsd"],
+        ),
+        (
+            "virtiofsd-fails",
+            config_variant(dir.path(), "virtiofsd-fails", |c| {
+                // Starts, then exits at once: spawned and recorded, then rolled back.
+                c["paths"]["virtiofsd"] = "/bin/false".into();
+            }),
+            &["vm phase", "virtiofsd exited before serving"],
+        ),
         (
             "kernel",
             config_variant(dir.path(), "kernel", |c| {
@@ -159,20 +180,19 @@ async fn create_failing_in_each_phase_names_it_and_leaves_nothing() {
     for (name, config, expect) in cases {
         let id = format!("lc-fail-{name}");
         let started = Instant::now();
-        let out = ctr.run(
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
-                "--runtime-config-path",
-                config.to_str().unwrap(),
-                IMAGE,
-                &id,
-                "true",
-            ],
-            None,
-        );
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            config.to_str().unwrap(),
+        ];
+        if name.starts_with("virtiofsd") {
+            args.extend(["--mount", bind.as_str()]);
+        }
+        args.extend([IMAGE, id.as_str(), "true"]);
+        let out = ctr.run(&args, None);
         let err = text(&out.stderr);
         println!(
             "{name}: failed after {} ms: {}",

@@ -13,6 +13,8 @@ use crate::log::{debug, info, warning};
 
 /// The list of modules to load, one absolute path per line, in dependency order.
 pub const MODULES_LIST: &str = "/lib/modules/spinbox-modules.list";
+/// Modules loaded only when a container needs them (virtio-fs), in the same form.
+pub const ONDEMAND_MODULES_LIST: &str = "/lib/modules/spinbox-modules-ondemand.list";
 
 struct PseudoMount {
     target: &'static str,
@@ -152,14 +154,19 @@ fn mount_one(m: &PseudoMount) -> Result<()> {
 /// names of the modules actually loaded. A module that is already there (built in, or loaded)
 /// is skipped silently; any other failure is logged and the next module tried.
 pub fn load_modules() -> Vec<String> {
-    let list = match std::fs::read_to_string(MODULES_LIST) {
+    load_module_list(MODULES_LIST)
+}
+
+/// [`load_modules`] for the list at `list_path` (blocking).
+pub fn load_module_list(list_path: &str) -> Vec<String> {
+    let list = match std::fs::read_to_string(list_path) {
         Ok(list) => list,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            debug!("no {MODULES_LIST}; loading no modules");
+            debug!("no {list_path}; loading no modules");
             return Vec::new();
         }
         Err(e) => {
-            warning!("reading {MODULES_LIST}: {e}");
+            warning!("reading {list_path}: {e}");
             return Vec::new();
         }
     };

@@ -40,6 +40,22 @@ pub const MAX_FILE_COPY_BYTES: usize = 1 << 20;
 pub const MAX_FILE_COPIES_BYTES: usize = 2 << 20;
 pub const MAX_TREE_ENTRIES: usize = 256;
 
+/// Most virtio-fs shares (writable host directory binds) one VM takes.
+pub const MAX_SHARES: usize = 8;
+
+/// The virtio-fs tag of a VM's share number `index`.
+pub fn share_tag(index: usize) -> String {
+    format!("sbxfs{index}")
+}
+
+/// A virtio-fs tag the agent accepts: `sbxfs` and a number below [`MAX_SHARES`] (it becomes
+/// a directory name in the guest).
+pub fn valid_share_tag(tag: &str) -> bool {
+    tag.strip_prefix("sbxfs")
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n < MAX_SHARES && share_tag(n) == tag)
+}
+
 /// Kernel command-line key carrying the host's hostname, which the agent gives the guest: a
 /// container whose spec sets no hostname gets it in its new UTS namespace, as under runc.
 pub const CMDLINE_HOSTNAME: &str = "spinbox.hostname";
@@ -209,6 +225,23 @@ mod tests {
         assert_eq!(parse_stdio_header("HELLO c1 - stdout\n"), None);
         assert_eq!(parse_stdio_header("STDIO c1 - stdout extra\n"), None);
         assert_eq!(parse_stdio_header("STDIO c1 - stdout port port\n"), None);
+    }
+
+    #[test]
+    fn share_tags_are_numbered_and_checked() {
+        assert_eq!(share_tag(0), "sbxfs0");
+        assert!(valid_share_tag("sbxfs7"));
+        for bad in [
+            "sbxfs8",
+            "sbxfs01",
+            "sbxfs",
+            "sbxfs-1",
+            "x",
+            "sbxfs0/..",
+            "",
+        ] {
+            assert!(!valid_share_tag(bad), "{bad}");
+        }
     }
 
     #[test]

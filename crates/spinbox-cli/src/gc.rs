@@ -75,9 +75,9 @@ pub fn scan(config: &Config, only: &[String]) -> Result<Vec<Found>> {
         }
         let (verdict, processes) = match state::read_record(&path) {
             Ok(rec) => {
-                let procs = [rec.qemu, rec.vsock_backend]
+                let procs = rec
+                    .processes()
                     .into_iter()
-                    .flatten()
                     .filter(|p| p.is_alive())
                     .map(|p| p.pid)
                     .collect();

@@ -67,6 +67,7 @@ fn gc_reclaims_orphans_and_leaves_live_vms_alone() {
     let dead_owner = ProcessRecord::of(dead.id()).unwrap();
     dead.wait().unwrap();
     let mut orphan_qemu = sleeper();
+    let mut orphan_virtiofsd = sleeper();
     // A bystander whose pid the orphan's record names with another start time.
     let mut bystander = sleeper();
     let console = root.path().join("orphan.console.log");
@@ -86,6 +87,7 @@ fn gc_reclaims_orphans_and_leaves_live_vms_alone() {
                 pid: bystander.id(),
                 start_time: ProcessRecord::of(bystander.id()).unwrap().start_time + 7,
             }),
+            fs_backends: vec![ProcessRecord::of(orphan_virtiofsd.id()).unwrap()],
             files: vec![console.clone()],
             dirs: vec![orphan_data.clone()],
         },
@@ -134,6 +136,8 @@ fn gc_reclaims_orphans_and_leaves_live_vms_alone() {
     assert!(line(&out, "data-orphan").contains("reclaimed"), "{out}");
     let status = orphan_qemu.wait().unwrap();
     assert!(!status.success(), "the orphan's QEMU was killed");
+    let status = orphan_virtiofsd.wait().unwrap();
+    assert!(!status.success(), "the orphan's virtiofsd was killed");
     assert!(!orphan_dir.exists() && !orphan_data.exists() && !console.exists());
     assert!(!stale_data.exists());
     // Left alone: the live VM, its process, the young directory, the recycled pid.

@@ -128,6 +128,9 @@ pub struct Paths {
     /// Firmware for QEMU's `-bios`; `null` means QEMU's default (SeaBIOS). qboot boots a
     /// kernel directly in a fraction of SeaBIOS's time.
     pub firmware: Option<PathBuf>,
+    /// The virtio-fs daemon that serves a container's writable host directory binds to its
+    /// VM (QEMU's C virtiofsd; needed only by containers that have such binds).
+    pub virtiofsd: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,6 +214,7 @@ impl Default for Paths {
             vhost_device_vsock: "/usr/local/bin/vhost-device-vsock".into(),
             data_dir: "/var/lib/spinbox".into(),
             firmware: Some("/usr/share/qemu/qboot.rom".into()),
+            virtiofsd: "/usr/lib/qemu/virtiofsd".into(),
         }
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use spinbox_agent_api::agent::{
     CreateContainerRequest, FileCopy, IpAddress, NetworkConfig, NetworkInterface, NetworkRoute,
-    ProcessRequest, Rootfs, SignalProcessRequest,
+    ProcessRequest, Rootfs, Share, SignalProcessRequest,
 };
 use spinbox_agent_api::agent_ttrpc::AgentClient;
 use spinbox_config::Config;
@@ -30,7 +30,7 @@ use spinbox_storage::{LayerCache, MountSpec, PrepareOptions, PreparedRootfs};
 use spinbox_vmm::accel::HostCaps;
 use spinbox_vmm::state::StateDir;
 use spinbox_vmm::vsock::VsockTransport;
-use spinbox_vmm::{DiskAttach, NicAttach, Vm, VmError, VmOptions};
+use spinbox_vmm::{DiskAttach, NicAttach, ShareAttach, Vm, VmError, VmOptions};
 use tokio::sync::watch;
 
 use crate::cleanup::{Cleanup, CleanupReport, Phase};
@@ -397,6 +397,7 @@ impl Container {
             netns,
             publish,
             files,
+            shares,
         } = bundle;
         let state = Arc::clone(&acquired.state);
         let work_dir = acquired.work_dir.clone();
@@ -474,6 +475,13 @@ impl Container {
             );
         }
         let vm_options = VmOptions {
+            shares: shares
+                .iter()
+                .map(|s| ShareAttach {
+                    tag: s.tag.clone(),
+                    source: s.source.clone().into(),
+                })
+                .collect(),
             disks,
             nics: attached
                 .nics
@@ -533,6 +541,7 @@ impl Container {
             terminal: opts.stdio.terminal,
             share_vm_network,
             files,
+            shares,
             ..Default::default()
         };
         timeline.mark("configure_network");
@@ -1028,6 +1037,7 @@ struct Bundle {
     netns: spinbox_net::SpecNetns,
     publish: Vec<spinbox_net::PortMapping>,
     files: Vec<FileCopy>,
+    shares: Vec<Share>,
 }
 
 /// The network namespace `linux.namespaces` asks for.
@@ -1121,7 +1131,10 @@ async fn load_bundle(opts: &CreateOpts) -> Result<Bundle, ContainerError> {
         Some(v) => spinbox_net::publish::parse(v)?,
         None => Vec::new(),
     };
-    let files = crate::copies::for_spec(&parsed).await;
+    let mut files = crate::copies::for_spec(&parsed).await;
+    let shares = crate::copies::shares_for_spec(&parsed).await;
+    // A source that is shared is served live, also to a read-only bind of it.
+    files.retain(|f| !shares.iter().any(|s| s.source == f.source));
     Ok(Bundle {
         spec,
         source,
@@ -1129,6 +1142,7 @@ async fn load_bundle(opts: &CreateOpts) -> Result<Bundle, ContainerError> {
         netns,
         publish,
         files,
+        shares,
     })
 }
 

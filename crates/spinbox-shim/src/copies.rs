@@ -4,36 +4,88 @@
 //! and nerdctl give them) and small directories bound read-only (Kubernetes' secrets, config
 //! maps and service account tokens) travel with CreateContainer, and the agent serves the
 //! mounts from its copies: a snapshot taken at create, as in Kata's non-shared-fs mode. A
-//! writable directory bind is not copied (writes would never reach the host); the agent skips
-//! it and says so.
+//! writable directory bind is not copied (writes would never reach the host): it becomes a
+//! virtio-fs share ([`shares_for_spec`]), served live by a virtiofsd of its own.
 
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::Path;
 
 use spinbox_agent_api::agent::tree_entry::Kind;
-use spinbox_agent_api::agent::{FileCopy, TreeEntry};
+use spinbox_agent_api::agent::{FileCopy, Share, TreeEntry};
 
 use spinbox_agent_api::{
-    MAX_FILE_COPIES, MAX_FILE_COPIES_BYTES, MAX_FILE_COPY_BYTES, MAX_TREE_ENTRIES,
+    share_tag, MAX_FILE_COPIES, MAX_FILE_COPIES_BYTES, MAX_FILE_COPY_BYTES, MAX_SHARES,
+    MAX_TREE_ENTRIES,
 };
+
+/// The spec's bind mounts as (source, options), binds only, in mount order.
+fn binds(spec: &serde_json::Value) -> impl Iterator<Item = (&str, Vec<&str>)> {
+    spec["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let options: Vec<&str> = m["options"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.as_str())
+                .collect();
+            let is_bind =
+                m["type"] == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
+            let source = m["source"].as_str()?;
+            (is_bind && source.starts_with('/')).then_some((source, options))
+        })
+}
+
+/// The virtio-fs shares for the spec's writable directory binds, each source once, in mount
+/// order, tagged `sbxfs0`, `sbxfs1`, ... What cannot be shared (more than [`MAX_SHARES`], a
+/// comma in the path) is logged and left out (the agent then skips the mount and warns).
+pub async fn shares_for_spec(spec: &serde_json::Value) -> Vec<Share> {
+    let wanted: Vec<String> = binds(spec)
+        .filter(|(_, options)| !options.contains(&"ro"))
+        .map(|(source, _)| source.to_owned())
+        .collect();
+    let dirs = tokio::task::spawn_blocking(move || {
+        wanted
+            .into_iter()
+            .filter(|s| std::fs::metadata(s).is_ok_and(|m| m.is_dir()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let mut out: Vec<Share> = Vec::new();
+    for source in dirs {
+        if out.iter().any(|s| s.source == source) {
+            continue;
+        }
+        if source.contains(',') {
+            tracing::warn!(source, "writable bind not shared: a comma in its path");
+            continue;
+        }
+        if out.len() == MAX_SHARES {
+            tracing::warn!(
+                source,
+                "more than {MAX_SHARES} writable directory binds; the rest are not shared"
+            );
+            break;
+        }
+        out.push(Share {
+            tag: share_tag(out.len()),
+            source,
+            ..Default::default()
+        });
+    }
+    out
+}
 
 /// The copies for the spec's bind mounts, each source once, in mount order. What cannot be
 /// copied is logged and left out (the agent then skips the mount and warns).
 pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
     let mut out: Vec<FileCopy> = Vec::new();
     let mut total = 0;
-    for m in spec["mounts"].as_array().into_iter().flatten() {
-        let options: Vec<&str> = m["options"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|o| o.as_str())
-            .collect();
-        let is_bind = m["type"] == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
-        let Some(source) = m["source"].as_str() else {
-            continue;
-        };
-        if !is_bind || !source.starts_with('/') || out.iter().any(|f| f.source == source) {
+    for (source, options) in binds(spec) {
+        if out.iter().any(|f| f.source == source) {
             continue;
         }
         let (owned, read_only) = (source.to_owned(), options.contains(&"ro"));

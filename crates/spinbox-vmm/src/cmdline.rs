@@ -302,6 +302,30 @@ impl QemuArg for VirtioNetTap {
     }
 }
 
+/// A virtio-fs share: `vhost-user-fs-pci` talking to a virtiofsd on `socket`; the guest
+/// mounts it by `tag`. Needs guest RAM shared with the backend (`Memory::shared`).
+#[derive(Debug, Clone)]
+pub struct VhostUserFs {
+    pub id: String,
+    pub socket: PathBuf,
+    pub tag: String,
+}
+
+impl QemuArg for VhostUserFs {
+    fn to_args(&self) -> Vec<String> {
+        let id = escape_opt(&self.id);
+        vec![
+            "-chardev".into(),
+            format!("socket,id={id}-chr,path={}", path_opt(&self.socket)),
+            "-device".into(),
+            format!(
+                "vhost-user-fs-pci,id={id},chardev={id}-chr,tag={}",
+                escape_opt(&self.tag)
+            ),
+        ]
+    }
+}
+
 /// One `virtserialport` on a connected socket the runtime passes as `fd` (QEMU uses it as a
 /// client chardev: no socket file, no listener).
 #[derive(Debug, Clone)]
@@ -565,6 +589,24 @@ mod tests {
         assert_eq!(
             joined(&m),
             "-m 256M -object memory-backend-memfd,id=mem,size=256M,share=off"
+        );
+    }
+
+    #[test]
+    fn virtio_fs_share_on_its_backend_socket() {
+        let fs = VhostUserFs {
+            id: "fs0".into(),
+            socket: "/run/spinbox/c,1/fs0.sock".into(),
+            tag: "sbxfs0".into(),
+        };
+        assert_eq!(
+            fs.to_args(),
+            [
+                "-chardev",
+                "socket,id=fs0-chr,path=/run/spinbox/c,,1/fs0.sock",
+                "-device",
+                "vhost-user-fs-pci,id=fs0,chardev=fs0-chr,tag=sbxfs0",
+            ]
         );
     }
 

@@ -29,6 +29,9 @@ pub struct VmRecord {
     pub owner: Option<ProcessRecord>,
     pub qemu: Option<ProcessRecord>,
     pub vsock_backend: Option<ProcessRecord>,
+    /// The virtiofsd processes serving the VM's shares.
+    #[serde(default)]
+    pub fs_backends: Vec<ProcessRecord>,
     /// Files outside the state directory (the console log).
     pub files: Vec<PathBuf>,
     /// Directories outside the state directory (the container's data: its writable layer).
@@ -37,6 +40,15 @@ pub struct VmRecord {
 }
 
 impl VmRecord {
+    /// Every process the record names: QEMU, the vsock backend, the virtiofsd processes.
+    pub fn processes(&self) -> Vec<ProcessRecord> {
+        [self.qemu, self.vsock_backend]
+            .into_iter()
+            .flatten()
+            .chain(self.fs_backends.iter().copied())
+            .collect()
+    }
+
     /// Whether the runtime that wrote this record still runs (pid and start time match).
     pub fn owner_alive(&self) -> bool {
         self.owner.is_some_and(|o| o.is_alive())
@@ -214,7 +226,7 @@ pub async fn reclaim_contents(dir: &Path) -> io::Result<Vec<ProcessRecord>> {
         }
     };
     if let Some(record) = &record {
-        for proc in [record.qemu, record.vsock_backend].into_iter().flatten() {
+        for proc in record.processes() {
             if proc.signal(nix::sys::signal::Signal::SIGKILL)? {
                 killed.push(proc);
                 if !proc.wait_gone(Duration::from_secs(5)).await {
@@ -289,6 +301,11 @@ mod tests {
             .arg("60")
             .spawn()
             .unwrap();
+        // An orphaned virtiofsd stand-in.
+        let mut fs_orphan = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
         // A live process whose pid the record names with another start time: a recycled
         // pid, which must never be signalled.
         let mut bystander = std::process::Command::new("sleep")
@@ -308,6 +325,7 @@ mod tests {
             owner: Some(gone_owner),
             qemu: Some(ProcessRecord::of(orphan.id()).unwrap()),
             vsock_backend: Some(recycled),
+            fs_backends: vec![ProcessRecord::of(fs_orphan.id()).unwrap()],
             files: vec![outside.clone()],
             dirs: vec![data.clone()],
         };
@@ -328,12 +346,17 @@ mod tests {
 
         // Creating the same id again heals: kills the orphan, removes its files.
         let reaper = std::thread::spawn(move || orphan.wait());
+        let fs_reaper = std::thread::spawn(move || fs_orphan.wait());
         create_dir(&dir).await.unwrap();
         assert!(dir.exists());
         assert!(!dir.join(RECORD_FILE).exists());
         assert!(!outside.exists());
         assert!(!data.exists());
         assert!(!reaper.join().unwrap().unwrap().success());
+        assert!(
+            !fs_reaper.join().unwrap().unwrap().success(),
+            "the recorded virtiofsd was killed"
+        );
         assert!(
             bystander.try_wait().unwrap().is_none(),
             "a pid whose start time differs from the record was killed"

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use spinbox_agent_api::agent::{HealthRequest, HealthResponse, PrepareShutdownRequest};
 use spinbox_agent_api::agent_ttrpc::AgentClient;
-use spinbox_agent_api::{output_port_name, StdioStream};
+use spinbox_agent_api::{output_port_name, StdioStream, MAX_SHARES};
 use spinbox_config::Config;
 use tokio::sync::watch;
 
@@ -62,10 +62,20 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("vhost-device-vsock: socket {path} did not appear within {after:?} (timeouts.device_detection)")]
-    BackendTimeout { path: PathBuf, after: Duration },
-    #[error("vhost-device-vsock exited before serving ({status}): {stderr}")]
-    BackendExited { status: String, stderr: String },
+    #[error("{what}: socket {path} did not appear within {after:?} (timeouts.device_detection)")]
+    BackendTimeout {
+        what: &'static str,
+        path: PathBuf,
+        after: Duration,
+    },
+    #[error("{what} exited before serving ({status}): {stderr}")]
+    BackendExited {
+        what: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error("{count} writable directory binds: a VM takes at most {max}", max = MAX_SHARES)]
+    TooManyShares { count: usize },
     #[error("QMP socket {path}: {source}")]
     QmpSocket {
         path: PathBuf,
@@ -184,6 +194,15 @@ pub const MAX_NICS: usize = 4;
 pub struct VmOptions {
     pub disks: Vec<DiskAttach>,
     pub nics: Vec<NicAttach>,
+    pub shares: Vec<ShareAttach>,
+}
+
+/// A host directory served to the guest through virtio-fs (a virtiofsd per share); the guest
+/// mounts it by `tag`.
+#[derive(Debug, Clone)]
+pub struct ShareAttach {
+    pub tag: String,
+    pub source: PathBuf,
 }
 
 /// The host ends of a VM's output serial ports (`vm.output_ports`): connected sockets whose
@@ -206,6 +225,8 @@ pub struct Vm {
     qemu: ProcessRecord,
     qemu_exit: watch::Receiver<Option<ExitStatus>>,
     backend: Option<Backend>,
+    /// The virtiofsd of each share.
+    fs_backends: Vec<Backend>,
     qmp: Qmp,
     transport: VsockTransport,
     agent: AgentClient,
@@ -232,8 +253,9 @@ const VM_FILES: [&str; 5] = [
 /// and console log in the record.
 async fn forget_vm_files(state: &StateDir, console_log: &Path) -> Vec<String> {
     let mut errors = Vec::new();
-    for name in VM_FILES {
-        if let Err(e) = state::remove_file_if_exists(&state.path().join(name)) {
+    let share_files = (0..MAX_SHARES).flat_map(share_file_names);
+    for name in VM_FILES.map(str::to_owned).into_iter().chain(share_files) {
+        if let Err(e) = state::remove_file_if_exists(&state.path().join(&name)) {
             errors.push(format!(
                 "removing {name} from {}: {e}",
                 state.path().display()
@@ -244,6 +266,7 @@ async fn forget_vm_files(state: &StateDir, console_log: &Path) -> Vec<String> {
         .update(|r| {
             r.qemu = None;
             r.vsock_backend = None;
+            r.fs_backends.clear();
             r.files.retain(|f| f != console_log);
         })
         .await
@@ -257,9 +280,33 @@ async fn forget_vm_files(state: &StateDir, console_log: &Path) -> Vec<String> {
 }
 
 struct Backend {
+    what: &'static str,
     record: ProcessRecord,
     exit: watch::Receiver<Option<ExitStatus>>,
     stderr_log: PathBuf,
+}
+
+/// The state directory's files of share `index`: virtiofsd's socket and its stderr.
+fn share_file_names(index: usize) -> [String; 2] {
+    [
+        format!("fs{index}.sock"),
+        format!("virtiofsd{index}.stderr"),
+    ]
+}
+
+/// Stops a helper process: SIGTERM, SIGKILL after 2 s. Returns an error line if it lives on.
+async fn stop_backend(b: &mut Backend) -> Option<String> {
+    let _ = b.record.signal(nix::sys::signal::Signal::SIGTERM);
+    if tokio::time::timeout(Duration::from_secs(2), b.exit.wait_for(|s| s.is_some()))
+        .await
+        .is_err()
+    {
+        kill_and_wait(&b.record, &mut b.exit).await;
+    }
+    if b.exit.borrow().is_none() {
+        return Some(format!("{} pid {} did not exit", b.what, b.record.pid));
+    }
+    None
 }
 
 /// Resources acquired so far during start, released in reverse on failure.
@@ -268,6 +315,7 @@ struct Partial {
     console_log: Option<PathBuf>,
     qemu: Option<(ProcessRecord, watch::Receiver<Option<ExitStatus>>)>,
     backend: Option<Backend>,
+    fs_backends: Vec<Backend>,
 }
 
 impl Partial {
@@ -276,6 +324,9 @@ impl Partial {
             kill_and_wait(&rec, &mut exit).await;
         }
         if let Some(mut b) = self.backend {
+            kill_and_wait(&b.record, &mut b.exit).await;
+        }
+        for mut b in self.fs_backends {
             kill_and_wait(&b.record, &mut b.exit).await;
         }
         if let Some(log) = &self.console_log {
@@ -374,6 +425,7 @@ fn base_command_line(
     config: &Config,
     accel: AccelKind,
     vsock_kind: VsockKind,
+    shares: bool,
     console_log: &Path,
     kernel_cmdline: String,
 ) -> QemuCommandLine {
@@ -391,7 +443,8 @@ fn base_command_line(
         .push(cmdline::Memory {
             id: "mem".into(),
             mib: config.vm.memory_mib,
-            shared: vsock_kind == VsockKind::VhostUser,
+            // vhost-user backends (vhost-device-vsock, virtiofsd) map guest RAM.
+            shared: vsock_kind == VsockKind::VhostUser || shares,
         })
         .push(cmdline::KernelBoot {
             kernel: paths.kernel.clone(),
@@ -419,7 +472,15 @@ pub fn floor_command_line(config: &Config, host: &HostCaps, console_log: &Path) 
     let mut extra = config.vm.kernel_args.clone();
     extra.push(FLOOR_KERNEL_ARG.to_owned());
     let kernel_cmdline = cmdline::guest_kernel_cmdline(config.vm.agent_port, &extra);
-    base_command_line(config, accel, vsock_kind, console_log, kernel_cmdline).args()
+    base_command_line(
+        config,
+        accel,
+        vsock_kind,
+        false,
+        console_log,
+        kernel_cmdline,
+    )
+    .args()
 }
 
 /// Why a boot of the floor failed.
@@ -556,6 +617,37 @@ impl Vm {
                 count: options.nics.len(),
             });
         }
+        if options.shares.len() > MAX_SHARES {
+            return Err(VmError::TooManyShares {
+                count: options.shares.len(),
+            });
+        }
+        if !options.shares.is_empty() {
+            check_file("paths.virtiofsd", &paths.virtiofsd)?;
+        }
+        for share in &options.shares {
+            if !share.source.is_absolute() || !share.source.is_dir() {
+                return Err(VmError::Path {
+                    key: "share",
+                    path: share.source.clone(),
+                    reason: "not an absolute path of a directory".into(),
+                });
+            }
+            if share.source.as_os_str().as_encoded_bytes().contains(&b',') {
+                return Err(VmError::Path {
+                    key: "share",
+                    path: share.source.clone(),
+                    reason: "a comma in the path (virtiofsd's -o syntax cannot carry it)".into(),
+                });
+            }
+            if !spinbox_agent_api::valid_share_tag(&share.tag) {
+                return Err(VmError::Path {
+                    key: "share",
+                    path: share.source.clone(),
+                    reason: format!("bad tag {:?}", share.tag),
+                });
+            }
+        }
         for disk in &options.disks {
             if !disk.path.exists() {
                 return Err(VmError::Path {
@@ -657,6 +749,29 @@ impl Vm {
             }
         };
 
+        // A virtiofsd per share, recorded before QEMU connects to it.
+        let mut fs_sockets = Vec::new();
+        for (i, share) in options.shares.iter().enumerate() {
+            let [sock_name, stderr_name] = share_file_names(i);
+            let sock = socket_path(&sock_name)?;
+            let started =
+                start_virtiofsd(config, &share.source, &sock, dir.join(stderr_name)).await;
+            let backend = match started {
+                Ok(b) => b,
+                Err((e, b)) => {
+                    partial.fs_backends.extend(b);
+                    return Err(e);
+                }
+            };
+            let rec = backend.record;
+            partial.fs_backends.push(backend);
+            state
+                .update(|r| r.fs_backends.push(rec))
+                .await
+                .map_err(record_err)?;
+            fs_sockets.push((share.tag.clone(), sock));
+        }
+
         // QMP: bound here, passed to QEMU as a listening fd, so it is up when QEMU is.
         let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_path).map_err(|source| {
             VmError::QmpSocket {
@@ -669,6 +784,7 @@ impl Vm {
             config,
             accel,
             vsock_kind,
+            !options.shares.is_empty(),
             &console_log,
             cmdline::guest_kernel_cmdline(config.vm.agent_port, &config.vm.kernel_args),
         );
@@ -695,6 +811,13 @@ impl Vm {
                 id: format!("net{i}"),
                 fd: dst,
                 mac: nic.mac.clone(),
+            });
+        }
+        for (i, (tag, socket)) in fs_sockets.into_iter().enumerate() {
+            cmd.push(cmdline::VhostUserFs {
+                id: format!("fs{i}"),
+                socket,
+                tag,
             });
         }
         // The output ports: socket pairs, QEMU's ends passed, ours kept for the container.
@@ -890,6 +1013,7 @@ impl Vm {
             "VM ready"
         );
         let backend = partial.backend.take();
+        let fs_backends = std::mem::take(&mut partial.fs_backends);
         partial.qemu = None;
         partial.console_log = None;
         Ok(Vm {
@@ -901,6 +1025,7 @@ impl Vm {
             qemu: qemu_rec,
             qemu_exit,
             backend,
+            fs_backends,
             qmp,
             transport,
             agent,
@@ -1120,20 +1245,8 @@ impl Vm {
     pub async fn release(self) -> Vec<String> {
         self.shutdown().await;
         let mut errors = Vec::new();
-        if let Some(mut b) = self.backend {
-            let _ = b.record.signal(nix::sys::signal::Signal::SIGTERM);
-            if tokio::time::timeout(Duration::from_secs(2), b.exit.wait_for(|s| s.is_some()))
-                .await
-                .is_err()
-            {
-                kill_and_wait(&b.record, &mut b.exit).await;
-            }
-            if b.exit.borrow().is_none() {
-                errors.push(format!(
-                    "vhost-device-vsock pid {} did not exit",
-                    b.record.pid
-                ));
-            }
+        for mut b in self.backend.into_iter().chain(self.fs_backends) {
+            errors.extend(stop_backend(&mut b).await);
         }
         if let Err(e) = state::remove_file_if_exists(&self.console_log) {
             errors.push(format!("removing {}: {e}", self.console_log.display()));
@@ -1313,17 +1426,6 @@ async fn start_vsock_backend(
     backend_sock: &Path,
     vsock_uds: &Path,
 ) -> Result<Backend, (VmError, Option<Backend>)> {
-    let program = &config.paths.vhost_device_vsock;
-    let stderr_log = dir.join("vhost-device-vsock.stderr");
-    let stderr_file = std::fs::File::create(&stderr_log).map_err(|source| {
-        (
-            VmError::StateDir {
-                path: stderr_log.clone(),
-                source,
-            },
-            None,
-        )
-    })?;
     let cid = HYBRID_GUEST_CID.to_string();
     let args: Vec<&std::ffi::OsStr> = vec![
         "--guest-cid".as_ref(),
@@ -1333,7 +1435,73 @@ async fn start_vsock_backend(
         "--uds-path".as_ref(),
         vsock_uds.as_os_str(),
     ];
-    let child = process::command(program, &args, Vec::new())
+    start_backend(
+        "vhost-device-vsock",
+        &config.paths.vhost_device_vsock,
+        &args,
+        dir.join("vhost-device-vsock.stderr"),
+        backend_sock,
+        config.timeouts.device_detection,
+    )
+    .await
+}
+
+/// virtiofsd serving `source` on `socket`. Its own sandbox (mount, pid and net namespaces,
+/// pivot_root into `source`) keeps the guest's requests inside the shared directory.
+async fn start_virtiofsd(
+    config: &Config,
+    source: &Path,
+    socket: &Path,
+    stderr_log: PathBuf,
+) -> Result<Backend, (VmError, Option<Backend>)> {
+    let mut socket_arg = std::ffi::OsString::from("--socket-path=");
+    socket_arg.push(socket);
+    let mut source_arg = std::ffi::OsString::from("source=");
+    // virtiofsd's -o takes comma-separated options: a path with a comma was refused by
+    // `Vm::check_paths` before this.
+    source_arg.push(source);
+    let args: Vec<&std::ffi::OsStr> = vec![
+        socket_arg.as_ref(),
+        "-o".as_ref(),
+        source_arg.as_ref(),
+        "-o".as_ref(),
+        "cache=auto".as_ref(),
+        "-o".as_ref(),
+        "sandbox=namespace".as_ref(),
+        "-o".as_ref(),
+        "log_level=warn".as_ref(),
+    ];
+    start_backend(
+        "virtiofsd",
+        &config.paths.virtiofsd,
+        &args,
+        stderr_log,
+        socket,
+        config.timeouts.device_detection,
+    )
+    .await
+}
+
+/// Spawns a vhost-user backend and waits (at most `limit`) for its socket: that is when
+/// QEMU can connect.
+async fn start_backend(
+    what: &'static str,
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+    stderr_log: PathBuf,
+    socket: &Path,
+    limit: Duration,
+) -> Result<Backend, (VmError, Option<Backend>)> {
+    let stderr_file = std::fs::File::create(&stderr_log).map_err(|source| {
+        (
+            VmError::StateDir {
+                path: stderr_log.clone(),
+                source,
+            },
+            None,
+        )
+    })?;
+    let child = process::command(program, args, Vec::new())
         .stdout(std::process::Stdio::null())
         .stderr(stderr_file)
         .env("RUST_LOG", "warn")
@@ -1341,8 +1509,8 @@ async fn start_vsock_backend(
         .map_err(|source| {
             (
                 VmError::Spawn {
-                    what: "vhost-device-vsock",
-                    program: program.clone(),
+                    what,
+                    program: program.to_owned(),
                     source,
                 },
                 None,
@@ -1352,15 +1520,14 @@ async fn start_vsock_backend(
     let record = ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 });
     let exit = watch_exit(child);
     let mut backend = Backend {
+        what,
         record,
         exit,
         stderr_log,
     };
-    // Wait for its socket: that is when QEMU can connect.
-    let limit = config.timeouts.device_detection;
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if backend_sock.exists() {
+        if socket.exists() {
             return Ok(backend);
         }
         if backend.exit.borrow().is_some() {
@@ -1370,12 +1537,20 @@ async fn start_vsock_backend(
                 .map(|s| s.to_string())
                 .unwrap_or_default();
             let stderr = tail(&backend.stderr_log, 10);
-            return Err((VmError::BackendExited { status, stderr }, Some(backend)));
+            return Err((
+                VmError::BackendExited {
+                    what,
+                    status,
+                    stderr,
+                },
+                Some(backend),
+            ));
         }
         if tokio::time::Instant::now() >= deadline {
             return Err((
                 VmError::BackendTimeout {
-                    path: backend_sock.to_owned(),
+                    what,
+                    path: socket.to_owned(),
                     after: limit,
                 },
                 Some(backend),

@@ -26,6 +26,7 @@ pub mod process;
 pub mod pty;
 pub mod rootfs;
 pub mod seccomp;
+pub mod shares;
 pub mod spec;
 pub mod stdio;
 #[cfg(target_arch = "x86_64")]
@@ -240,10 +241,12 @@ impl Manager {
             return Err(invalid(anyhow::anyhow!("no rootfs given")));
         };
         files::validate(&req.files).map_err(invalid)?;
+        shares::validate(&req.shares).map_err(invalid)?;
         let spec = spec::parse_spec(&req.oci_spec).map_err(invalid)?;
         let rootfs_path = Path::new(rootfs::CONTAINERS_DIR).join(id).join("rootfs");
         let rootfs_str = rootfs_path.display().to_string();
-        let file_copies = files::guest_paths(id, &req.files);
+        let mut file_copies = files::guest_paths(id, &req.files);
+        file_copies.extend(shares::guest_paths(&req.shares));
         let mut plan = spec::plan(
             id,
             &spec,
@@ -265,6 +268,19 @@ impl Manager {
         }
         for w in &plan.warnings {
             warning!("container {id}: {w}");
+        }
+        if !req.shares.is_empty() {
+            let shares = req.shares.clone();
+            tokio::task::spawn_blocking(move || shares::mount_all(&shares))
+                .await
+                .map_err(|e| anyhow::anyhow!("share mount task: {e}"))
+                .and_then(|r| r)
+                .map_err(|e| {
+                    RpcError::new(
+                        Code::FAILED_PRECONDITION,
+                        format!("container {id:?}: {e:#}"),
+                    )
+                })?;
         }
 
         let mounted = rootfs::assemble(id, rootfs_req).await.map_err(|e| {

@@ -381,7 +381,7 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
                 plan.source = copy.to_string();
             } else if !(ctx.source_exists)(&plan.source) {
                 warnings.push(format!(
-                    "mount {}: bind source {:?} is not in the guest (only files and read-only directories are copied in); skipped",
+                    "mount {}: bind source {:?} is not in the guest (files and read-only directories are copied in, writable directories shared; not this one); skipped",
                     m.destination, plan.source
                 ));
                 continue;
