@@ -217,14 +217,10 @@ async fn piped_stdin_survives_an_early_close_on_a_busy_host() {
 async fn large_stdout_and_stderr_arrive_byte_exact_by_port_and_by_vsock() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
-    let base = std::env::var_os("SPINBOX_E2E_CONFIG").expect("SPINBOX_E2E_CONFIG");
-    let mut vsock: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(base).unwrap()).unwrap();
-    vsock["vm"]["output_ports"] = false.into();
     let dir = tempfile::tempdir().unwrap();
-    let vsock_config = dir.path().join("vsock.json");
-    std::fs::write(&vsock_config, serde_json::to_vec(&vsock).unwrap()).unwrap();
-    let vsock_config = vsock_config.display().to_string();
+    let vsock_config = spinbox_tests::config_variant_file(dir.path(), "vsock", |c| {
+        c["vm"]["output_ports"] = false.into();
+    });
 
     // 16 MiB of a known pattern on each stream: 1 MiB of a repeated line, written 16 times
     // to each (generating it byte by byte in an emulated CPU would measure the generator).

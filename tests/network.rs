@@ -388,15 +388,11 @@ async fn killed_shim_leaves_no_network_behind() {
 async fn network_mode_none_and_netns_take_effect() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
-    let base = std::env::var_os("SPINBOX_E2E_CONFIG").expect("SPINBOX_E2E_CONFIG");
-    let base: serde_json::Value = serde_json::from_slice(&std::fs::read(base).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let variant = |mode: &str| {
-        let mut c = base.clone();
-        c["network"]["mode"] = mode.into();
-        let path = dir.path().join(format!("{mode}.json"));
-        std::fs::write(&path, serde_json::to_vec(&c).unwrap()).unwrap();
-        path.display().to_string()
+        spinbox_tests::config_variant_file(dir.path(), mode, |c| {
+            c["network"]["mode"] = mode.into();
+        })
     };
     let none = variant("none");
     let out = ctr.run_container(
@@ -494,14 +490,10 @@ async fn cleanup_cni_reports_and_removes_orphans() {
 async fn isolated_containers_reach_the_gateway_not_each_other() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
-    let base = std::env::var_os("SPINBOX_E2E_CONFIG").expect("SPINBOX_E2E_CONFIG");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(base).unwrap()).unwrap();
-    config["network"]["isolate"] = true.into();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("isolate.json");
-    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
-    let path = path.display().to_string();
+    let path = spinbox_tests::config_variant_file(dir.path(), "isolate", |c| {
+        c["network"]["isolate"] = true.into();
+    });
 
     let server = "net-iso-server";
     let _guard = Detached {

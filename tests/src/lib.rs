@@ -38,6 +38,23 @@ pub fn guest_dir() -> Option<PathBuf> {
     None
 }
 
+/// The config the suite's shim runs with (`$SPINBOX_E2E_CONFIG`), changed by `change` and
+/// written to `dir/<name>.json`, for `ctr run --runtime-config-path`: returns that path.
+pub fn config_variant_file(
+    dir: &Path,
+    name: &str,
+    change: impl FnOnce(&mut serde_json::Value),
+) -> String {
+    let base = std::env::var_os("SPINBOX_E2E_CONFIG").expect("SPINBOX_E2E_CONFIG");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base).expect("the suite's config"))
+            .expect("the suite's config is JSON");
+    change(&mut config);
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_vec(&config).expect("JSON")).expect("writing a config");
+    path.display().to_string()
+}
+
 /// Looks a program up on `$PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {

@@ -311,17 +311,10 @@ fn main() {
          b=$(cut -d' ' -f1 /proc/uptime); echo \"$a $b\""
     );
     // spinbox with `vm.output_ports: false`: the container's stdout on vsock, as execs'.
-    let mut vsock_config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config_path).expect("read the config"))
-            .expect("config JSON");
-    vsock_config["vm"]["output_ports"] = false.into();
-    let vsock_config_path = scratch.path().join("vsock-route.json");
-    std::fs::write(
-        &vsock_config_path,
-        serde_json::to_vec(&vsock_config).expect("config JSON"),
-    )
-    .expect("write the vsock-route config");
-    let vsock_config_path = vsock_config_path.display().to_string();
+    let vsock_config_path =
+        spinbox_tests::config_variant_file(scratch.path(), "vsock-route", |c| {
+            c["vm"]["output_ports"] = false.into();
+        });
     let vsock_route = ["--runtime-config-path", vsock_config_path.as_str()];
     let (mut s_tp, mut r_tp, mut v_tp, mut ceiling) = (
         Samples::default(),
