@@ -213,7 +213,11 @@ for mod in "${ORDER[@]}"; do
 done >"$OUTDIR/modules/modules.dep"
 
 printf '%s\n' "${list[@]:0:boot_count}" >"$OUTDIR/modules.list"
-printf '%s\n' "${list[@]:boot_count}" >"$OUTDIR/modules.ondemand.list"
+if ((${#list[@]} > boot_count)); then
+    printf '%s\n' "${list[@]:boot_count}" >"$OUTDIR/modules.ondemand.list"
+else
+    : >"$OUTDIR/modules.ondemand.list"
+fi
 cp -- "$root/boot/vmlinuz-$release" "$OUTDIR/vmlinuz"
 cp -- "$root/boot/config-$release" "$OUTDIR/config"
 if grep -qx 'CONFIG_PVH=y' "$OUTDIR/config"; then

@@ -40,6 +40,16 @@ pub const MAX_FILE_COPY_BYTES: usize = 1 << 20;
 pub const MAX_FILE_COPIES_BYTES: usize = 2 << 20;
 pub const MAX_TREE_ENTRIES: usize = 256;
 
+/// `p` with empty and `.` components dropped (`//a/./b/` -> `/a/b`): how host and guest
+/// compare a bind mount's source with a copy's or a share's.
+pub fn clean_path(p: &str) -> String {
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
 /// Most virtio-fs shares (writable host directory binds) one VM takes.
 pub const MAX_SHARES: usize = 8;
 

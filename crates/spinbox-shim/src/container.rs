@@ -1131,10 +1131,7 @@ async fn load_bundle(opts: &CreateOpts) -> Result<Bundle, ContainerError> {
         Some(v) => spinbox_net::publish::parse(v)?,
         None => Vec::new(),
     };
-    let mut files = crate::copies::for_spec(&parsed).await;
-    let shares = crate::copies::shares_for_spec(&parsed).await;
-    // A source that is shared is served live, also to a read-only bind of it.
-    files.retain(|f| !shares.iter().any(|s| s.source == f.source));
+    let (files, shares) = crate::copies::plan(&parsed).await;
     Ok(Bundle {
         spec,
         source,

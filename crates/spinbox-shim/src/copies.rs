@@ -14,12 +14,14 @@ use spinbox_agent_api::agent::tree_entry::Kind;
 use spinbox_agent_api::agent::{FileCopy, Share, TreeEntry};
 
 use spinbox_agent_api::{
-    share_tag, MAX_FILE_COPIES, MAX_FILE_COPIES_BYTES, MAX_FILE_COPY_BYTES, MAX_SHARES,
+    clean_path, share_tag, MAX_FILE_COPIES, MAX_FILE_COPIES_BYTES, MAX_FILE_COPY_BYTES, MAX_SHARES,
     MAX_TREE_ENTRIES,
 };
 
-/// The spec's bind mounts as (source, options), binds only, in mount order.
-fn binds(spec: &serde_json::Value) -> impl Iterator<Item = (&str, Vec<&str>)> {
+/// The spec's bind mounts as (source, read-only), binds only, in mount order. The source is
+/// cleaned as the agent cleans it ([`clean_path`]), so one directory is one source however
+/// the spec spells it; `ro` and `rro` are read-only.
+fn binds(spec: &serde_json::Value) -> impl Iterator<Item = (String, bool)> + '_ {
     spec["mounts"]
         .as_array()
         .into_iter()
@@ -34,17 +36,27 @@ fn binds(spec: &serde_json::Value) -> impl Iterator<Item = (&str, Vec<&str>)> {
             let is_bind =
                 m["type"] == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
             let source = m["source"].as_str()?;
-            (is_bind && source.starts_with('/')).then_some((source, options))
+            let read_only = options.iter().any(|o| *o == "ro" || *o == "rro");
+            (is_bind && source.starts_with('/')).then(|| (clean_path(source), read_only))
         })
 }
 
+/// What the spec's bind mounts need: copies ([`for_spec`]) and shares ([`shares_for_spec`]).
+/// A shared source is served live, to a read-only bind of it too: no copy of it is sent.
+pub async fn plan(spec: &serde_json::Value) -> (Vec<FileCopy>, Vec<Share>) {
+    let mut files = for_spec(spec).await;
+    let shares = shares_for_spec(spec).await;
+    files.retain(|f| !shares.iter().any(|s| s.source == f.source));
+    (files, shares)
+}
+
 /// The virtio-fs shares for the spec's writable directory binds, each source once, in mount
-/// order, tagged `sbxfs0`, `sbxfs1`, ... What cannot be shared (more than [`MAX_SHARES`], a
-/// comma in the path) is logged and left out (the agent then skips the mount and warns).
+/// order, tagged `sbxfs0`, `sbxfs1`, ... Past [`MAX_SHARES`] they are logged and left out
+/// (the agent then skips those mounts and warns).
 pub async fn shares_for_spec(spec: &serde_json::Value) -> Vec<Share> {
     let wanted: Vec<String> = binds(spec)
-        .filter(|(_, options)| !options.contains(&"ro"))
-        .map(|(source, _)| source.to_owned())
+        .filter(|(_, read_only)| !read_only)
+        .map(|(source, _)| source)
         .collect();
     let dirs = tokio::task::spawn_blocking(move || {
         wanted
@@ -57,10 +69,6 @@ pub async fn shares_for_spec(spec: &serde_json::Value) -> Vec<Share> {
     let mut out: Vec<Share> = Vec::new();
     for source in dirs {
         if out.iter().any(|s| s.source == source) {
-            continue;
-        }
-        if source.contains(',') {
-            tracing::warn!(source, "writable bind not shared: a comma in its path");
             continue;
         }
         if out.len() == MAX_SHARES {
@@ -84,11 +92,11 @@ pub async fn shares_for_spec(spec: &serde_json::Value) -> Vec<Share> {
 pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
     let mut out: Vec<FileCopy> = Vec::new();
     let mut total = 0;
-    for (source, options) in binds(spec) {
+    for (source, read_only) in binds(spec) {
         if out.iter().any(|f| f.source == source) {
             continue;
         }
-        let (owned, read_only) = (source.to_owned(), options.contains(&"ro"));
+        let owned = source.clone();
         let copied = tokio::task::spawn_blocking(move || copy(Path::new(&owned), read_only))
             .await
             .unwrap_or_else(|e| Err(format!("copy task: {e}")));
@@ -96,7 +104,7 @@ pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
             Ok(None) => {}
             Ok(Some(_)) if out.len() == MAX_FILE_COPIES => {
                 tracing::warn!(
-                    source,
+                    source = %source,
                     "more than {MAX_FILE_COPIES} bind mounts to copy; the rest are not copied"
                 );
                 break;
@@ -105,7 +113,7 @@ pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
                 let size = size(&c);
                 if total + size > MAX_FILE_COPIES_BYTES {
                     tracing::warn!(
-                        source,
+                        source = %source,
                         "bind mount source not copied: the copies would exceed {MAX_FILE_COPIES_BYTES} bytes"
                     );
                     continue;
@@ -113,7 +121,7 @@ pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
                 total += size;
                 out.push(c);
             }
-            Err(e) => tracing::warn!(source, "bind mount source not copied: {e}"),
+            Err(e) => tracing::warn!(source = %source, "bind mount source not copied: {e}"),
         }
     }
     out
@@ -285,6 +293,36 @@ mod tests {
         );
         assert!(!copies[1].directory);
         assert_eq!(copies[1].content, b"127.0.0.1 localhost\n");
+    }
+
+    /// A writable directory is shared however the spec spells it, and a read-only bind of
+    /// the same directory is served from the share, not from a snapshot; `rro` is read-only
+    /// (copied, never shared); a writable file is copied.
+    #[tokio::test]
+    async fn writable_directories_are_shared_once_read_only_ones_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let (vol, conf) = (d.path().join("vol"), d.path().join("conf"));
+        std::fs::create_dir_all(&vol).unwrap();
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("a"), b"x").unwrap();
+        let file = d.path().join("hosts");
+        std::fs::write(&file, b"h").unwrap();
+        let vol_s = vol.to_str().unwrap();
+        let (files, shares) = plan(&spec(serde_json::json!([
+            {"destination": "/ro", "type": "bind", "source": vol_s, "options": ["rbind", "ro"]},
+            {"destination": "/rw", "type": "bind", "source": format!("{vol_s}/"), "options": ["rbind", "rw"]},
+            {"destination": "/rw2", "type": "bind", "source": format!("{vol_s}/."), "options": ["rbind"]},
+            {"destination": "/conf", "type": "bind", "source": conf.to_str().unwrap(), "options": ["rbind", "rro"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": file.to_str().unwrap(), "options": ["rbind", "rw"]}
+        ])))
+        .await;
+        let shared: Vec<(&str, &str)> = shares
+            .iter()
+            .map(|s| (s.tag.as_str(), s.source.as_str()))
+            .collect();
+        assert_eq!(shared, [("sbxfs0", vol_s)]);
+        let copied: Vec<&str> = files.iter().map(|f| f.source.as_str()).collect();
+        assert_eq!(copied, [conf.to_str().unwrap(), file.to_str().unwrap()]);
     }
 
     #[test]

@@ -633,13 +633,6 @@ impl Vm {
                     reason: "not an absolute path of a directory".into(),
                 });
             }
-            if share.source.as_os_str().as_encoded_bytes().contains(&b',') {
-                return Err(VmError::Path {
-                    key: "share",
-                    path: share.source.clone(),
-                    reason: "a comma in the path (virtiofsd's -o syntax cannot carry it)".into(),
-                });
-            }
             if !spinbox_agent_api::valid_share_tag(&share.tag) {
                 return Err(VmError::Path {
                     key: "share",
@@ -1245,8 +1238,16 @@ impl Vm {
     pub async fn release(self) -> Vec<String> {
         self.shutdown().await;
         let mut errors = Vec::new();
+        // Side by side: each may take its SIGTERM grace.
+        let mut stopping = tokio::task::JoinSet::new();
         for mut b in self.backend.into_iter().chain(self.fs_backends) {
-            errors.extend(stop_backend(&mut b).await);
+            stopping.spawn(async move { stop_backend(&mut b).await });
+        }
+        while let Some(stopped) = stopping.join_next().await {
+            match stopped {
+                Ok(error) => errors.extend(error),
+                Err(e) => errors.push(format!("stopping a VM helper: {e}")),
+            }
         }
         if let Err(e) = state::remove_file_if_exists(&self.console_log) {
             errors.push(format!("removing {}: {e}", self.console_log.display()));
@@ -1457,9 +1458,7 @@ async fn start_virtiofsd(
     let mut socket_arg = std::ffi::OsString::from("--socket-path=");
     socket_arg.push(socket);
     let mut source_arg = std::ffi::OsString::from("source=");
-    // virtiofsd's -o takes comma-separated options: a path with a comma was refused by
-    // `Vm::check_paths` before this.
-    source_arg.push(source);
+    source_arg.push(fuse_opt_escape(source.as_os_str()));
     let args: Vec<&std::ffi::OsStr> = vec![
         socket_arg.as_ref(),
         "-o".as_ref(),
@@ -1468,6 +1467,10 @@ async fn start_virtiofsd(
         "cache=auto".as_ref(),
         "-o".as_ref(),
         "sandbox=namespace".as_ref(),
+        // No device nodes or file capabilities in the host directory, whatever the guest
+        // kernel asks for.
+        "-o".as_ref(),
+        "modcaps=-mknod:-setfcap".as_ref(),
         "-o".as_ref(),
         "log_level=warn".as_ref(),
     ];
@@ -1480,6 +1483,20 @@ async fn start_virtiofsd(
         config.timeouts.device_detection,
     )
     .await
+}
+
+/// `value` escaped for a libfuse `-o` option value (virtiofsd's): `\` and `,` get a
+/// backslash, so a path cannot end the option or start another.
+fn fuse_opt_escape(value: &std::ffi::OsStr) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt as _;
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_encoded_bytes() {
+        if b == b'\\' || b == b',' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    std::ffi::OsString::from_vec(out)
 }
 
 /// Spawns a vhost-user backend and waits (at most `limit`) for its socket: that is when
@@ -1565,6 +1582,19 @@ async fn start_backend(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn fuse_option_values_are_escaped() {
+        assert_eq!(
+            fuse_opt_escape(std::ffi::OsStr::new("/srv/a,b\\c")),
+            std::ffi::OsString::from("/srv/a\\,b\\\\c")
+        );
+        assert_eq!(
+            fuse_opt_escape(std::ffi::OsStr::new("/plain/dir")),
+            std::ffi::OsString::from("/plain/dir")
+        );
+    }
+
     use super::*;
 
     #[tokio::test]

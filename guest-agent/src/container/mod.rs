@@ -245,8 +245,9 @@ impl Manager {
         let spec = spec::parse_spec(&req.oci_spec).map_err(invalid)?;
         let rootfs_path = Path::new(rootfs::CONTAINERS_DIR).join(id).join("rootfs");
         let rootfs_str = rootfs_path.display().to_string();
-        let mut file_copies = files::guest_paths(id, &req.files);
-        file_copies.extend(shares::guest_paths(&req.shares));
+        // Shares first: a source the host shares is served live, whatever else names it.
+        let mut file_copies = shares::guest_paths(&req.shares);
+        file_copies.extend(files::guest_paths(id, &req.files));
         let mut plan = spec::plan(
             id,
             &spec,

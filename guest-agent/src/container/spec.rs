@@ -525,13 +525,7 @@ pub fn process_plan(process: &Process, warnings: &mut Vec<String>) -> Result<Pro
 }
 
 /// `/a//b/` -> `/a/b`.
-pub fn clean_path(p: &str) -> String {
-    let parts: Vec<&str> = p
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
-    format!("/{}", parts.join("/"))
-}
+pub use spinbox_agent_api::clean_path;
 
 /// How one mount option acts on the flags.
 enum Opt {
@@ -579,7 +573,10 @@ fn mount_option(name: &str) -> Option<Opt> {
         "unbindable" => Opt::Propagation(MS_UNBINDABLE),
         "runbindable" => Opt::Propagation(MS_UNBINDABLE | MS_REC),
         // runc extensions that need no action here.
-        "tmpcopyup" | "rro" | "rrw" => Opt::Ignore,
+        // Recursive read-only: the bind itself read-only (nothing is mounted below a copy or
+        // a share in the guest).
+        "rro" => Opt::Set(MS_RDONLY),
+        "tmpcopyup" | "rrw" => Opt::Ignore,
         _ => return None,
     })
 }
@@ -993,6 +990,17 @@ mod tests {
             assert!(!new_ns, "{ns}: share_vm_network keeps the guest's netns");
             assert!(warnings.is_empty(), "{ns}: {warnings:?}");
         }
+    }
+
+    #[test]
+    fn recursive_read_only_binds_are_read_only() {
+        let m: Mount = serde_json::from_str(
+            r#"{"destination": "/conf", "type": "bind", "source": "/c", "options": ["rbind", "rro"]}"#,
+        )
+        .unwrap();
+        let p = mount_plan(&m).unwrap();
+        assert!(p.is_bind());
+        assert_eq!(p.flags & libc::MS_RDONLY, libc::MS_RDONLY);
     }
 
     #[test]

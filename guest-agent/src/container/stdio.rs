@@ -310,20 +310,56 @@ async fn splice_to_port<S: HostStream>(
     conn.flush().await?;
     let pipe = pipe.into_nonblocking_fd()?;
     let host = conn.dup_fd()?;
-    tokio::task::spawn_blocking(move || splice_loop(&pipe, &port, &host))
+    // Aborting the pump (RemoveContainer) drops the guard, which stops the thread.
+    let guard = StopOnDrop::new()?;
+    let stop = guard.0.try_clone()?;
+    tokio::task::spawn_blocking(move || splice_loop(&pipe, &port, &host, &stop))
         .await
         .map_err(io::Error::other)?
 }
 
+/// An eventfd that is signalled when this is dropped: the blocking side of a pump polls it.
+struct StopOnDrop(OwnedFd);
+
+impl StopOnDrop {
+    fn new() -> io::Result<StopOnDrop> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor nobody else owns.
+        Ok(StopOnDrop(unsafe {
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a valid buffer to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
 /// The blocking side of [`splice_to_port`]: waits with poll(2), batches while output
-/// streams (see [`STREAMING_GAP`]), splices.
-fn splice_loop(pipe: &OwnedFd, port: &OwnedFd, host: &OwnedFd) -> io::Result<u64> {
+/// streams (see [`STREAMING_GAP`]), splices. Ends at the pipe's EOF, or with an error when
+/// the host leaves or `stop` is signalled.
+fn splice_loop(pipe: &OwnedFd, port: &OwnedFd, host: &OwnedFd, stop: &OwnedFd) -> io::Result<u64> {
     let (pipe, port, host) = (pipe.as_raw_fd(), port.as_raw_fd(), host.as_raw_fd());
     let host_events = libc::POLLIN | libc::POLLRDHUP;
+    let stop = (stop.as_raw_fd(), libc::POLLIN);
     let mut total = 0u64;
     let mut last_splice: Option<std::time::Instant> = None;
     loop {
-        let [p, h] = poll_wait([(pipe, libc::POLLIN), (host, host_events)])?;
+        let [p, h, s] = poll_wait([(pipe, libc::POLLIN), (host, host_events), stop])?;
+        if s != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the pump was stopped",
+            ));
+        }
         if h != 0 {
             return Err(host_left());
         }
@@ -337,7 +373,13 @@ fn splice_loop(pipe: &OwnedFd, port: &OwnedFd, host: &OwnedFd) -> io::Result<u64
         if streaming && pipe_bytes(pipe)? < BATCH_BYTES {
             std::thread::sleep(BATCH_WAIT);
         }
-        let [o, h] = poll_wait([(port, libc::POLLOUT), (host, host_events)])?;
+        let [o, h, s] = poll_wait([(port, libc::POLLOUT), (host, host_events), stop])?;
+        if s != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the pump was stopped",
+            ));
+        }
         if h != 0 {
             return Err(host_left());
         }
@@ -368,17 +410,17 @@ fn host_left() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "the host closed the stream")
 }
 
-/// poll(2) on two fds without a timeout (EINTR retried): their revents.
-fn poll_wait(fds: [(RawFd, libc::c_short); 2]) -> io::Result<[libc::c_short; 2]> {
+/// poll(2) on `N` fds without a timeout (EINTR retried): their revents.
+fn poll_wait<const N: usize>(fds: [(RawFd, libc::c_short); N]) -> io::Result<[libc::c_short; N]> {
     let mut p = fds.map(|(fd, events)| libc::pollfd {
         fd,
         events,
         revents: 0,
     });
     loop {
-        // SAFETY: two valid pollfds.
-        if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } >= 0 {
-            return Ok([p[0].revents, p[1].revents]);
+        // SAFETY: N valid pollfds.
+        if unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, -1) } >= 0 {
+            return Ok(p.map(|p| p.revents));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -659,6 +701,38 @@ mod tests {
             .expect("the pump gave up")
             .unwrap();
         // The pipe is closed with the pump: the writer gets EPIPE and stops.
+        tokio::time::timeout(Duration::from_secs(5), fill)
+            .await
+            .expect("the writer saw EPIPE")
+            .unwrap();
+        drop(port_reader);
+    }
+
+    #[tokio::test]
+    async fn aborting_a_port_pump_stops_its_thread() {
+        let (mut w, r) = pipe_pair();
+        let (port, port_reader) = port_pair();
+        let (tx, rx) = oneshot::channel();
+        let (ours, mut host) = tokio::net::UnixStream::pair().unwrap();
+        let task = tokio::spawn(async move { pump_output(OutputEnd::Pipe(r), rx, "t").await });
+        tx.send(Asking(ours, Some(PortRequest::Asked(Some(port)))))
+            .map_err(|_| ())
+            .unwrap();
+        let mut route = [0u8; 1];
+        host.read_exact(&mut route).await.unwrap();
+        // Nobody reads the port: the thread waits on it.
+        let fill = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            while w.write_all(&chunk).await.is_ok() {}
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        task.abort();
+        // The thread let go of its copy of the connection and of the pipe.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), host.read_to_end(&mut rest))
+            .await
+            .expect("the host's connection closed")
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(5), fill)
             .await
             .expect("the writer saw EPIPE")
