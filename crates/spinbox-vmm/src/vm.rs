@@ -1509,15 +1509,19 @@ async fn start_backend(
     socket: &Path,
     limit: Duration,
 ) -> Result<Backend, (VmError, Option<Backend>)> {
-    let stderr_file = std::fs::File::create(&stderr_log).map_err(|source| {
-        (
-            VmError::StateDir {
-                path: stderr_log.clone(),
-                source,
-            },
-            None,
-        )
-    })?;
+    let stderr_file = tokio::fs::File::create(&stderr_log)
+        .await
+        .map_err(|source| {
+            (
+                VmError::StateDir {
+                    path: stderr_log.clone(),
+                    source,
+                },
+                None,
+            )
+        })?
+        .into_std()
+        .await;
     let child = process::command(program, args, Vec::new())
         .stdout(std::process::Stdio::null())
         .stderr(stderr_file)
@@ -1544,7 +1548,7 @@ async fn start_backend(
     };
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if socket.exists() {
+        if tokio::fs::try_exists(socket).await.unwrap_or(false) {
             return Ok(backend);
         }
         if backend.exit.borrow().is_some() {
