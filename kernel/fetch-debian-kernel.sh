@@ -166,23 +166,22 @@ visit() {
     ORDER+=("$mod")
 }
 
-for name in "${WANTED_MODULES[@]}"; do
-    if [[ -n ${PATH_OF[$name]:-} ]]; then
-        visit "${PATH_OF[$name]}"
-    elif [[ -n ${BUILTIN[$name]:-} ]]; then
-        log "$name is built in"
-    else
-        die "module $name is neither in modules.dep nor built in"
-    fi
-done
+# Appends the named modules, with what they depend on and ORDER lacks, to ORDER.
+add_modules() {
+    local name
+    for name in "$@"; do
+        if [[ -n ${PATH_OF[$name]:-} ]]; then
+            visit "${PATH_OF[$name]}"
+        elif [[ -n ${BUILTIN[$name]:-} ]]; then
+            log "$name is built in"
+        else
+            die "module $name is neither in modules.dep nor built in"
+        fi
+    done
+}
+add_modules "${WANTED_MODULES[@]}"
 boot_count=${#ORDER[@]}
-for name in "${ONDEMAND_MODULES[@]}"; do
-    if [[ -n ${PATH_OF[$name]:-} ]]; then
-        visit "${PATH_OF[$name]}"
-    elif [[ -z ${BUILTIN[$name]:-} ]]; then
-        die "module $name is neither in modules.dep nor built in"
-    fi
-done
+add_modules "${ONDEMAND_MODULES[@]}"
 
 mkdir -p "$OUTDIR"
 rm -rf -- "$OUTDIR/modules" "$OUTDIR/modules.list" "$OUTDIR/kernel-release" "$OUTDIR/package" \

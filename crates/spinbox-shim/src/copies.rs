@@ -44,9 +44,8 @@ fn binds(spec: &serde_json::Value) -> impl Iterator<Item = (String, bool)> + '_ 
 /// What the spec's bind mounts need: copies ([`for_spec`]) and shares ([`shares_for_spec`]).
 /// A shared source is served live, to a read-only bind of it too: no copy of it is sent.
 pub async fn plan(spec: &serde_json::Value) -> (Vec<FileCopy>, Vec<Share>) {
-    let mut files = for_spec(spec).await;
     let shares = shares_for_spec(spec).await;
-    files.retain(|f| !shares.iter().any(|s| s.source == f.source));
+    let files = for_spec(spec, &shares).await;
     (files, shares)
 }
 
@@ -87,13 +86,14 @@ pub async fn shares_for_spec(spec: &serde_json::Value) -> Vec<Share> {
     out
 }
 
-/// The copies for the spec's bind mounts, each source once, in mount order. What cannot be
-/// copied is logged and left out (the agent then skips the mount and warns).
-pub async fn for_spec(spec: &serde_json::Value) -> Vec<FileCopy> {
+/// The copies for the spec's bind mounts, each source once, in mount order, none of a
+/// `shared` source (it is served live). What cannot be copied is logged and left out (the
+/// agent then skips the mount and warns).
+pub async fn for_spec(spec: &serde_json::Value, shared: &[Share]) -> Vec<FileCopy> {
     let mut out: Vec<FileCopy> = Vec::new();
     let mut total = 0;
     for (source, read_only) in binds(spec) {
-        if out.iter().any(|f| f.source == source) {
+        if out.iter().any(|f| f.source == source) || shared.iter().any(|s| s.source == source) {
             continue;
         }
         let owned = source.clone();
@@ -264,7 +264,7 @@ mod tests {
             {"destination": "/etc/hosts", "type": "bind", "source": file_s, "options": ["rbind", "rw"]},
             {"destination": "/rw", "type": "bind", "source": d.path().to_str().unwrap(), "options": ["rbind"]},
             {"destination": "/proc", "type": "proc", "source": "proc"}
-        ])))
+        ])), &[])
         .await;
         assert_eq!(copies.len(), 2, "{copies:?}");
         let dir = &copies[0];

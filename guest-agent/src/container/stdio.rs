@@ -677,8 +677,15 @@ mod tests {
         task.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn output_pump_stops_when_the_host_leaves_a_port_transfer() {
+    /// A port pump whose port nobody reads, stalled with a full pipe behind it: the pump's
+    /// task, the host's connection (the route byte read), the writer filling the pipe until
+    /// EPIPE, and the port's other end (kept open).
+    async fn stalled_port_pump() -> (
+        tokio::task::JoinHandle<()>,
+        tokio::net::UnixStream,
+        tokio::task::JoinHandle<()>,
+        tokio::net::UnixStream,
+    ) {
         let (mut w, r) = pipe_pair();
         let (port, port_reader) = port_pair();
         let (tx, rx) = oneshot::channel();
@@ -689,12 +696,17 @@ mod tests {
             .unwrap();
         let mut route = [0u8; 1];
         host.read_exact(&mut route).await.unwrap();
-        // Nobody reads the port: the pump waits on it until the host goes away.
         let fill = tokio::spawn(async move {
             let chunk = vec![7u8; 64 * 1024];
             while w.write_all(&chunk).await.is_ok() {}
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
+        (task, host, fill, port_reader)
+    }
+
+    #[tokio::test]
+    async fn output_pump_stops_when_the_host_leaves_a_port_transfer() {
+        let (task, host, fill, port_reader) = stalled_port_pump().await;
         drop(host);
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
@@ -710,22 +722,7 @@ mod tests {
 
     #[tokio::test]
     async fn aborting_a_port_pump_stops_its_thread() {
-        let (mut w, r) = pipe_pair();
-        let (port, port_reader) = port_pair();
-        let (tx, rx) = oneshot::channel();
-        let (ours, mut host) = tokio::net::UnixStream::pair().unwrap();
-        let task = tokio::spawn(async move { pump_output(OutputEnd::Pipe(r), rx, "t").await });
-        tx.send(Asking(ours, Some(PortRequest::Asked(Some(port)))))
-            .map_err(|_| ())
-            .unwrap();
-        let mut route = [0u8; 1];
-        host.read_exact(&mut route).await.unwrap();
-        // Nobody reads the port: the thread waits on it.
-        let fill = tokio::spawn(async move {
-            let chunk = vec![7u8; 64 * 1024];
-            while w.write_all(&chunk).await.is_ok() {}
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (task, mut host, fill, port_reader) = stalled_port_pump().await;
         task.abort();
         // The thread let go of its copy of the connection and of the pipe.
         let mut rest = Vec::new();
