@@ -697,6 +697,61 @@ async fn signals_and_pids(vm: &Vm) -> Result<(), String> {
     result
 }
 
+/// A disk plugged into the running guest (as for a container joining a pod) serves a
+/// container's writable layer; unplugged, the guest lets it go and it is gone for the next.
+async fn hotplugged_disk(vm: &Vm, image: &Path) -> Result<(), String> {
+    use spinbox_vmm::hotplug::{plug_disk, port_id, unplug_disk};
+    const HOT: &str = "u-hot";
+    let disk = DiskAttach {
+        path: image.to_owned(),
+        serial: HOT.into(),
+        read_only: false,
+    };
+    let started = std::time::Instant::now();
+    plug_disk(vm.qmp(), &port_id(1), "hd1", &disk)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("plug took {} ms", started.elapsed().as_millis());
+    let root = Rootfs {
+        lower_serials: vec![LOWER.into()],
+        upper_serial: HOT.into(),
+        ..Default::default()
+    };
+    let o = run(
+        vm,
+        "hot1",
+        &spec(&[
+            "sh",
+            "-c",
+            "echo on-hot-disk > /marker; cat /marker; grep -c ' / ' /proc/mounts",
+        ]),
+        root.clone(),
+        None,
+    )
+    .await?;
+    check!(
+        o.status == 0 && o.stdout.starts_with("on-hot-disk\n"),
+        "container on a hot-plugged upper: {o:?}"
+    );
+    let started = std::time::Instant::now();
+    unplug_disk(vm.qmp(), "hd1", Duration::from_secs(20))
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("unplug took {} ms", started.elapsed().as_millis());
+    // Plugged again on the same port: the port was freed, the data is still there.
+    plug_disk(vm.qmp(), &port_id(1), "hd1", &disk)
+        .await
+        .map_err(|e| format!("re-plug on a freed port: {e}"))?;
+    let o = run(vm, "hot2", &spec(&["cat", "/marker"]), root, None).await?;
+    check!(
+        o.status == 0 && o.stdout == "on-hot-disk\n",
+        "the replugged disk keeps what was written: {o:?}"
+    );
+    unplug_disk(vm.qmp(), "hd1", Duration::from_secs(20))
+        .await
+        .map_err(|e| e.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_run_with_oci_semantics_in_one_guest() {
     let Some(guest) = guest_dir() else { return };
@@ -727,14 +782,22 @@ async fn containers_run_with_oci_semantics_in_one_guest() {
         ],
         nics: Vec::new(),
         shares: Vec::new(),
+        hotplug_ports: 2,
     };
+    let hot_upper: PathBuf = root.path().join("upper-hot.img");
+    spinbox_storage::build_upper_image(None, &hot_upper, 64)
+        .await
+        .expect("upper image");
     let vm = Vm::start_with("containers", &config, &options, &HostCaps::probe())
         .await
         .expect("VM start");
     let vm_boot_ms = vm.boot_info().host_spawn_to_ready_ms;
     let started = std::time::Instant::now();
-    let outcome = cases(&vm).await;
+    let mut outcome = cases(&vm).await;
     println!("container cases took {} ms", started.elapsed().as_millis());
+    if outcome.is_ok() {
+        outcome = hotplugged_disk(&vm, &hot_upper).await;
+    }
     if outcome.is_err() || std::env::var_os("SPINBOX_SHOW_CONSOLE").is_some() {
         let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
         println!("---- guest console ----\n{console}\n---- end ----");

@@ -153,6 +153,9 @@ pub enum VsockMode {
     VhostUser,
 }
 
+/// Most hotplug root ports a VM reserves: the root bus's free slots after the boot devices.
+pub const MAX_HOTPLUG_SLOTS: u32 = 24;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmDefaults {
@@ -169,6 +172,13 @@ pub struct VmDefaults {
     /// Give each VM virtio serial ports for its container's stdout and stderr (the init's,
     /// without a terminal); false: those streams travel on vsock like every other.
     pub output_ports: bool,
+    /// PCIe root ports a pod's VM reserves at boot for the disks of containers that join it
+    /// later (one disk per port: a container takes its upper layer plus each image layer not
+    /// yet attached). Only a Kubernetes sandbox's VM gets them; a pod of one needs none.
+    pub hotplug_slots: u32,
+    /// Memory a pod's VM gets on top of what CRI says its containers may use (the sandbox's
+    /// `io.kubernetes.cri.sandbox-memory`): the guest kernel, the agent, page cache.
+    pub pod_memory_overhead_mib: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,6 +240,8 @@ impl Default for VmDefaults {
             kernel_args: Vec::new(),
             rootfs_upper_mib: 2048,
             output_ports: true,
+            hotplug_slots: 16,
+            pod_memory_overhead_mib: 128,
         }
     }
 }
@@ -322,6 +334,15 @@ impl Config {
             return Err((
                 "vm.rootfs_upper_mib",
                 format!("{} MiB is below the 16 MiB minimum", vm.rootfs_upper_mib),
+            ));
+        }
+        if vm.hotplug_slots > MAX_HOTPLUG_SLOTS {
+            return Err((
+                "vm.hotplug_slots",
+                format!(
+                    "{} is above the {MAX_HOTPLUG_SLOTS} PCIe root ports a q35 root bus has room for",
+                    vm.hotplug_slots
+                ),
             ));
         }
         let net = &self.network;

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 mod cache;
 mod image;
@@ -171,13 +172,37 @@ pub struct PrepareOptions<'a> {
     pub upper_size_mib: u64,
     /// The spec asks for a read-only root.
     pub read_only: bool,
+    /// Names this container's own disks within its VM ([`disk_tag`]).
+    pub disk_tag: &'a str,
 }
 
-fn serial_lower(i: usize) -> String {
-    format!("sbx-lower{i}")
+/// A layer's disk serial: named by its cached image (the cache key), so the same layer used
+/// by two containers of a pod is one disk, attached once.
+fn serial_layer(image: &Path) -> String {
+    let key = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let short: String = key.chars().take(SERIAL_MAX - 2).collect();
+    format!("l-{short}")
 }
-pub const SERIAL_UPPER: &str = "sbx-upper";
-pub const SERIAL_ROOT: &str = "sbx-root";
+
+/// Virtio's limit on a disk serial.
+pub const SERIAL_MAX: usize = 20;
+
+/// The serial of a container's own disk of `kind` (`u` upper, `d` directory image, `r` block
+/// root): `kind-tag`, the tag naming the container within its VM.
+fn serial_own(kind: char, tag: &str) -> String {
+    let short: String = tag.chars().take(SERIAL_MAX - 2).collect();
+    format!("{kind}-{short}")
+}
+
+/// A tag for `prepare` naming a container within its VM: hex of a hash of its id (ids are up
+/// to 76 bytes; a serial takes 20).
+pub fn disk_tag(container_id: &str) -> String {
+    let digest = Sha256::digest(container_id.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Builds (or finds in the cache) the images for `source`.
 pub async fn prepare(
@@ -187,52 +212,58 @@ pub async fn prepare(
     let mut out = PreparedRootfs::default();
     match source {
         RootfsSource::Overlay { lowers, upper } => {
-            for (i, layer) in lowers.iter().enumerate() {
+            for layer in lowers {
                 let (image, hit) = opts.cache.get_or_build(layer).await?;
                 if hit {
                     out.cache_hits += 1;
                 } else {
                     out.cache_misses += 1;
                 }
+                let serial = serial_layer(&image);
+                out.guest.lower_serials.push(serial.clone());
                 out.disks.push(Disk {
                     path: image,
-                    serial: serial_lower(i),
+                    serial,
                     read_only: true,
                 });
-                out.guest.lower_serials.push(serial_lower(i));
             }
-            if let (Some(upper), false) = (upper, opts.read_only) {
+            // A read-only root keeps its writable layer, as the snapshot does under runc: the
+            // guest creates the spec's mount targets there, then makes the root read-only.
+            if let Some(upper) = upper {
                 let img = opts.work_dir.join("upper.ext4");
                 out.owned.push(img.clone());
                 build_upper_image(Some(upper), &img, opts.upper_size_mib).await?;
+                let serial = serial_own('u', opts.disk_tag);
+                out.guest.upper_serial = serial.clone();
                 out.disks.push(Disk {
                     path: img,
-                    serial: SERIAL_UPPER.into(),
+                    serial,
                     read_only: false,
                 });
-                out.guest.upper_serial = SERIAL_UPPER.into();
             }
         }
         RootfsSource::Dir { path, read_only } => {
             let img = opts.work_dir.join("rootfs.erofs");
             out.owned.push(img.clone());
             image::build_erofs(path, &img).await?;
+            let serial = serial_own('d', opts.disk_tag);
+            out.guest.lower_serials.push(serial.clone());
             out.disks.push(Disk {
                 path: img,
-                serial: serial_lower(0),
+                serial,
                 read_only: true,
             });
-            out.guest.lower_serials.push(serial_lower(0));
-            if !read_only && !opts.read_only {
+            if !read_only {
                 let up = opts.work_dir.join("upper.ext4");
                 out.owned.push(up.clone());
                 build_upper_image(None, &up, opts.upper_size_mib).await?;
+                let serial = serial_own('u', opts.disk_tag);
+                out.guest.upper_serial = serial.clone();
                 out.disks.push(Disk {
                     path: up,
-                    serial: SERIAL_UPPER.into(),
+                    serial,
                     read_only: false,
                 });
-                out.guest.upper_serial = SERIAL_UPPER.into();
             }
         }
         RootfsSource::Block {
@@ -240,12 +271,13 @@ pub async fn prepare(
             fstype,
             read_only,
         } => {
+            let serial = serial_own('r', opts.disk_tag);
+            out.guest.block_serial = serial.clone();
             out.disks.push(Disk {
                 path: path.clone(),
-                serial: SERIAL_ROOT.into(),
+                serial,
                 read_only: *read_only || opts.read_only,
             });
-            out.guest.block_serial = SERIAL_ROOT.into();
             out.guest.block_fstype = fstype.clone();
         }
     }

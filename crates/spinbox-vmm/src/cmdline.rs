@@ -278,6 +278,27 @@ impl QemuArg for VirtioBlk {
     }
 }
 
+/// A free PCIe root port on the q35 root bus, reserved at boot so that a disk can be
+/// hot-plugged behind it later (one device per port). `chassis` must be unique per port.
+#[derive(Debug, Clone)]
+pub struct PcieRootPort {
+    pub id: String,
+    pub chassis: u32,
+}
+
+impl QemuArg for PcieRootPort {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-device".into(),
+            format!(
+                "pcie-root-port,id={},bus=pcie.0,chassis={}",
+                escape_opt(&self.id),
+                self.chassis
+            ),
+        ]
+    }
+}
+
 /// A virtio-net NIC on a TAP the runtime opened and passes as `fd`; the guest sees `mac`.
 /// No option ROM (nothing boots from the network), no vhost-net (not with TCG).
 #[derive(Debug, Clone)]
@@ -638,6 +659,18 @@ mod tests {
                 "-device",
                 "virtserialport,bus=serial0.0,nr=2,chardev=port1,name=a,,b",
             ]
+        );
+    }
+
+    #[test]
+    fn hotplug_root_ports_have_their_own_chassis() {
+        let a = PcieRootPort {
+            id: "hp0".into(),
+            chassis: 1,
+        };
+        assert_eq!(
+            a.to_args(),
+            vec!["-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1"]
         );
     }
 

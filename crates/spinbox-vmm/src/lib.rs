@@ -3,6 +3,7 @@
 //! - [`cmdline`]: the QEMU command line, one typed value per option.
 //! - [`accel`]: KVM or TCG, kernel vhost-vsock or vhost-user, from what the host offers.
 //! - [`qmp`]: an async QMP client.
+//! - [`hotplug`]: disks plugged into, and unplugged from, a running VM over QMP.
 //! - [`vsock`]: reaching the agent (AF_VSOCK or hybrid vsock over vhost-device-vsock).
 //! - [`process`]: spawning children with a parent-death signal; pid + start-time identity.
 //! - [`state`]: the per-VM state directory and record, and reclaiming orphans.
@@ -10,6 +11,7 @@
 
 pub mod accel;
 pub mod cmdline;
+pub mod hotplug;
 pub mod process;
 pub mod qmp;
 pub mod state;

@@ -195,6 +195,8 @@ pub struct VmOptions {
     pub disks: Vec<DiskAttach>,
     pub nics: Vec<NicAttach>,
     pub shares: Vec<ShareAttach>,
+    /// Free PCIe root ports to reserve for disks hot-plugged later ([`crate::hotplug`]).
+    pub hotplug_ports: u32,
 }
 
 /// A host directory served to the guest through virtio-fs (a virtiofsd per share); the guest
@@ -782,6 +784,12 @@ impl Vm {
             cmdline::guest_kernel_cmdline(config.vm.agent_port, &config.vm.kernel_args),
         );
         cmd.push(cmdline::QmpFd { fd: QMP_FD });
+        for i in 0..options.hotplug_ports {
+            cmd.push(cmdline::PcieRootPort {
+                id: crate::hotplug::port_id(i),
+                chassis: i + 1,
+            });
+        }
         for (i, disk) in options.disks.iter().enumerate() {
             cmd.push(cmdline::VirtioBlk {
                 node: format!("disk{i}"),
