@@ -36,6 +36,12 @@ fn binds(spec: &serde_json::Value) -> impl Iterator<Item = (String, bool)> + '_ 
             let is_bind =
                 m["type"] == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
             let source = m["source"].as_str()?;
+            // CRI binds the pod's shared-memory directory (a tmpfs on the host) to /dev/shm
+            // of every container of the pod: the guest gives the pod a tmpfs of its own there
+            // instead; nothing of the host's is copied or shared.
+            if m["destination"].as_str().map(clean_path).as_deref() == Some("/dev/shm") {
+                return None;
+            }
             let read_only = options.iter().any(|o| *o == "ro" || *o == "rro");
             (is_bind && source.starts_with('/')).then(|| (clean_path(source), read_only))
         })
@@ -293,6 +299,30 @@ mod tests {
         );
         assert!(!copies[1].directory);
         assert_eq!(copies[1].content, b"127.0.0.1 localhost\n");
+    }
+
+    /// CRI's pod shared-memory directory, bound to /dev/shm, is neither shared nor copied:
+    /// the guest gives the pod a tmpfs there.
+    #[tokio::test]
+    async fn the_pods_shm_directory_is_left_to_the_guest() {
+        let d = tempfile::tempdir().unwrap();
+        let shm = d.path().join("shm");
+        std::fs::create_dir_all(&shm).unwrap();
+        let (files, shares) = plan(&spec(serde_json::json!([
+            {"destination": "/dev/shm", "type": "bind", "source": shm.to_str().unwrap(), "options": ["rbind", "rw"]},
+            {"destination": "/dev//shm/", "type": "bind", "source": shm.to_str().unwrap(), "options": ["rbind", "ro"]},
+        ])))
+        .await;
+        assert!(
+            files.is_empty() && shares.is_empty(),
+            "{files:?} {shares:?}"
+        );
+        // The same directory bound elsewhere is shared as usual.
+        let (_, shares) = plan(&spec(serde_json::json!([
+            {"destination": "/data", "type": "bind", "source": shm.to_str().unwrap(), "options": ["rbind", "rw"]},
+        ])))
+        .await;
+        assert_eq!(shares.len(), 1);
     }
 
     /// A writable directory is shared however the spec spells it, and a read-only bind of

@@ -13,6 +13,8 @@ mod events;
 mod exec;
 mod lifecycle;
 mod metrics;
+mod reclaim;
+mod sandbox;
 mod service;
 mod stdio;
 
@@ -60,7 +62,14 @@ impl Shim for SpinboxShim {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
         // Fail here, where containerd shows the message, rather than in the daemon.
         load_config()?;
-        let grouping = opts.id.clone();
+        // The containers of a Kubernetes pod share one shim (and VM): the socket address is
+        // derived from the pod's sandbox id, so a member's start finds the sandbox's shim
+        // serving there and answers with its address (containerd 1.6/1.7 call start for
+        // every container; 2.x reuses the sandbox's shim without asking).
+        let grouping = pod_grouping(&opts.id).await;
+        if grouping != opts.id {
+            tracing::info!(id = %opts.id, sandbox = %grouping, "start: joining the pod's shim");
+        }
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // The bundle's `address` file is how the shim finds (and removes) its socket when it
         // exits, and how `delete` finds it after a crash.
@@ -74,12 +83,18 @@ impl Shim for SpinboxShim {
         let config = load_config()?;
         // The state directory the dead shim recorded in the bundle (its per-task config may
         // have put it elsewhere than ours).
+        // A member of a pod names its sandbox's directory: the whole pod is reclaimed.
         let recorded = tokio::fs::read(service::STATE_POINTER_FILE)
             .await
             .ok()
             .map(|b| std::path::PathBuf::from(String::from_utf8_lossy(&b).into_owned()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()) == Some(self.id.as_str()));
-        let mut errors = container::reclaim(&config, &self.id, recorded).await;
+            .filter(|p| {
+                p.is_absolute()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| spinbox_vmm::state::validate_id(n).is_ok())
+            });
+        let mut errors = reclaim::reclaim(&config, &self.id, recorded).await;
         // The dead shim's socket.
         if let Ok(address) = tokio::fs::read_to_string(ADDRESS_FILE).await {
             let path = address.trim().trim_start_matches("unix://");
@@ -144,6 +159,24 @@ impl Shim for SpinboxShim {
         let _ = self.shared.set(service.shared());
         service
     }
+}
+
+/// The id whose shim a container belongs with: the pod's sandbox for a member of a
+/// Kubernetes pod (CRI's annotations in the bundle's spec), else its own.
+async fn pod_grouping(id: &str) -> String {
+    let Ok(spec) = tokio::fs::read("config.json").await else {
+        return id.to_owned();
+    };
+    let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(&spec) else {
+        return id.to_owned();
+    };
+    let role = container::PodRole::from_annotations(&parsed["annotations"]);
+    let grouping = role.grouping(id);
+    if spinbox_vmm::state::validate_id(grouping).is_err() {
+        // Refused by create with a clear error; the address stays the container's own.
+        return id.to_owned();
+    }
+    grouping.to_owned()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

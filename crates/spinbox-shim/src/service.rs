@@ -36,6 +36,7 @@ use crate::container::{Container, ContainerError, CreateOpts, ExitInfo, Status};
 use crate::events::{self, Events};
 use crate::lifecycle::{Lifecycle, LifecycleError, State};
 use crate::metrics;
+use crate::sandbox::Sandbox;
 use crate::stdio::StdioPaths;
 
 /// The task service; the state it shares with the tasks it spawns (exit watchers, the VM
@@ -48,8 +49,13 @@ pub struct Shared {
     config: Config,
     namespace: String,
     events: Events,
+    /// The shim's state machine: the pod's (its sandbox's VM), not each container's.
     lifecycle: Lifecycle,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// The pod's VM, once its first container booted it.
+    sandbox: Mutex<Option<Arc<Sandbox>>>,
+    /// Serialises creates: a member joins only a fully created sandbox.
+    creating: Mutex<()>,
     exit: Arc<Notify>,
 }
 
@@ -147,6 +153,8 @@ impl TaskService {
                 events,
                 lifecycle: Lifecycle::default(),
                 containers: Mutex::new(HashMap::new()),
+                sandbox: Mutex::new(None),
+                creating: Mutex::new(()),
                 exit,
             }),
         }
@@ -180,20 +188,35 @@ impl Shared {
             .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
     }
 
-    /// VM death: TaskExit goes out as soon as the exit watcher has what reached the host, then
-    /// the shim shuts down and cleans up (containerd's Delete afterwards gets the same result).
-    async fn on_vm_death(self: Arc<Self>, c: Arc<Container>) {
+    /// VM death: every container's exit is the VM's; TaskExit goes out for each started
+    /// process as soon as its exit watcher has what reached the host, then the shim shuts
+    /// down and cleans up (containerd's Delete afterwards gets the same result).
+    async fn on_vm_death(self: Arc<Self>, sandbox: Arc<Sandbox>) {
         self.lifecycle.begin_shutdown();
-        let info = c.wait().await;
-        tracing::warn!(id = %c.id, status = info.status, "cleaning up after VM death");
-        c.destroy().await;
+        let live = self.teardown_order().await;
+        for c in &live {
+            c.vm_died_under();
+        }
+        for c in live {
+            let info = c.wait().await;
+            tracing::warn!(id = %c.id, sandbox = %sandbox.id, status = info.status, "cleaning up after VM death");
+            c.destroy().await;
+        }
+    }
+
+    /// The containers in the order a pod comes down: members first, the VM's owner last.
+    async fn teardown_order(&self) -> Vec<Arc<Container>> {
+        let mut live: Vec<Arc<Container>> =
+            self.containers.lock().await.values().cloned().collect();
+        live.sort_by_key(|c| c.owns_sandbox());
+        live
     }
 
     /// Shim shutdown (Shutdown RPC with nothing left, or SIGTERM): every container torn down,
-    /// then the event channel closed, last.
+    /// members before the VM's owner, then the event channel closed, last.
     pub async fn shutdown_all(&self, why: &str) {
         self.lifecycle.begin_shutdown();
-        let live: Vec<Arc<Container>> = self.containers.lock().await.values().cloned().collect();
+        let live = self.teardown_order().await;
         if !live.is_empty() {
             tracing::warn!(
                 why,
@@ -224,10 +247,32 @@ impl Task for TaskService {
         let id = req.id.clone();
         let sh = &self.shared;
         tracing::info!(id = %id, bundle = %req.bundle, "create");
-        let config = config_for(&req.options, &sh.config)?;
-        sh.lifecycle
-            .transition(State::Idle, State::Creating)
-            .map_err(|e| lifecycle_err(&id, e))?;
+        // One create at a time: a pod's member joins only a sandbox that finished creating.
+        let _one = sh.creating.lock().await;
+        let sandbox = sh.sandbox.lock().await.clone();
+        // The first container boots the VM (Idle → Creating → Running); members of its pod
+        // join while it runs, without a transition of their own.
+        let joining = sandbox.is_some();
+        let config = match &sandbox {
+            Some(s) => {
+                if sh.lifecycle.get() != State::Running {
+                    return Err(lifecycle_err(&id, LifecycleError::ShutdownInProgress));
+                }
+                s.config().clone()
+            }
+            None => {
+                let config = config_for(&req.options, &sh.config)?;
+                sh.lifecycle
+                    .transition(State::Idle, State::Creating)
+                    .map_err(|e| lifecycle_err(&id, e))?;
+                config
+            }
+        };
+        let back_to_idle = || {
+            if !joining {
+                let _ = sh.lifecycle.transition(State::Creating, State::Idle);
+            }
+        };
         let opts = CreateOpts {
             id: id.clone(),
             bundle: PathBuf::from(&req.bundle),
@@ -248,51 +293,66 @@ impl Task for TaskService {
             },
             namespace: sh.namespace.clone(),
         };
-        // Where `shim delete` finds the record if this shim dies.
+        // Where `shim delete` finds the record if this shim dies: a member's is its pod's.
         let pointer = PathBuf::from(&req.bundle).join(STATE_POINTER_FILE);
-        let state_dir = config.paths.state_dir.join(&id);
+        let state_dir = match &sandbox {
+            Some(s) => s.state().path().to_owned(),
+            None => config.paths.state_dir.join(&id),
+        };
         if let Err(e) = tokio::fs::write(&pointer, state_dir.as_os_str().as_encoded_bytes()).await {
-            let _ = sh.lifecycle.transition(State::Creating, State::Idle);
+            back_to_idle();
             return Err(status(
                 Code::INTERNAL,
                 format!("writing {}: {e}", pointer.display()),
             ));
         }
-        let container = match Container::create(opts, &config).await {
+        let container = match Container::create(opts, &config, sandbox).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(id = %id, error = %e, "create failed");
-                let _ = sh.lifecycle.transition(State::Creating, State::Idle);
+                back_to_idle();
                 return Err(to_ttrpc(e));
             }
         };
-        if let Err(e) = sh.lifecycle.transition(State::Creating, State::Running) {
-            // The shim began shutting down while this create ran (SIGTERM).
-            container.destroy().await;
-            return Err(lifecycle_err(&id, e));
+        if !joining {
+            if let Err(e) = sh.lifecycle.transition(State::Creating, State::Running) {
+                // The shim began shutting down while this create ran (SIGTERM).
+                container.destroy().await;
+                return Err(lifecycle_err(&id, e));
+            }
         }
         let pid = container.pid;
         sh.containers
             .lock()
             .await
             .insert(id.clone(), Arc::clone(&container));
-        // OOM kills in the guest become TaskOOM.
-        let oom_events = Arc::clone(sh);
-        let oom_id = id.clone();
-        container.watch_oom(move || {
-            tracing::warn!(id = %oom_id, "OOM kill in the container");
-            let mut ev = TaskOOM::new();
-            ev.container_id = oom_id.clone();
-            oom_events
-                .events
-                .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
-        });
-        // VM death, whenever it comes, ends in TaskExit and a cleanup.
-        let monitor = Arc::clone(sh);
-        tokio::spawn(async move {
-            container.vm_died().await;
-            monitor.on_vm_death(container).await;
-        });
+        if container.owns_sandbox() {
+            let sandbox = Arc::clone(container.sandbox());
+            *sh.sandbox.lock().await = Some(Arc::clone(&sandbox));
+            // OOM kills in the guest become TaskOOM of the container whose cgroup saw them.
+            let oom_events = Arc::clone(sh);
+            sandbox.watch_oom(move |container_id| {
+                let shared = Arc::clone(&oom_events);
+                tokio::spawn(async move {
+                    if !shared.containers.lock().await.contains_key(&container_id) {
+                        tracing::warn!(other = %container_id, "OOM event for a container this shim does not hold");
+                        return;
+                    }
+                    tracing::warn!(id = %container_id, "OOM kill in the container");
+                    let mut ev = TaskOOM::new();
+                    ev.container_id = container_id;
+                    shared
+                        .events
+                        .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
+                });
+            });
+            // VM death, whenever it comes, ends in TaskExit and a cleanup of the whole pod.
+            let monitor = Arc::clone(sh);
+            tokio::spawn(async move {
+                sandbox.vm_died().await;
+                monitor.on_vm_death(sandbox).await;
+            });
+        }
         let mut ev = TaskCreate::new();
         ev.container_id = id.clone();
         ev.bundle = req.bundle.clone();
@@ -455,18 +515,41 @@ impl Task for TaskService {
                 format!("container {} is running; kill it first", c.id),
             ));
         }
-        // After a VM death the shim is already shutting down and cleaning up: Delete waits
-        // for that cleanup and reports it.
-        let deleting = match sh.lifecycle.transition(State::Running, State::Deleting) {
-            Ok(()) => true,
-            Err(LifecycleError::ShutdownInProgress) => false,
-            Err(e) => return Err(lifecycle_err(&c.id, e)),
+        let report = if c.owns_sandbox() {
+            // The pod comes down: its members first (CRI removes them before the sandbox;
+            // anything left goes now), then the VM with its owner.
+            // After a VM death the shim is already shutting down and cleaning up: Delete
+            // waits for that cleanup and reports it.
+            let deleting = match sh.lifecycle.transition(State::Running, State::Deleting) {
+                Ok(()) => true,
+                Err(LifecycleError::ShutdownInProgress) => false,
+                Err(e) => return Err(lifecycle_err(&c.id, e)),
+            };
+            let members: Vec<Arc<Container>> = sh
+                .containers
+                .lock()
+                .await
+                .values()
+                .filter(|m| !m.owns_sandbox())
+                .cloned()
+                .collect();
+            for m in members {
+                tracing::warn!(id = %m.id, sandbox = %c.id, "member still present when its sandbox is deleted: tearing it down");
+                m.destroy().await;
+                sh.containers.lock().await.remove(&m.id);
+            }
+            let report = c.destroy().await;
+            sh.containers.lock().await.remove(&c.id);
+            *sh.sandbox.lock().await = None;
+            if deleting {
+                let _ = sh.lifecycle.transition(State::Deleting, State::Idle);
+            }
+            report
+        } else {
+            let report = c.destroy().await;
+            sh.containers.lock().await.remove(&c.id);
+            report
         };
-        let report = c.destroy().await;
-        sh.containers.lock().await.remove(&c.id);
-        if deleting {
-            let _ = sh.lifecycle.transition(State::Deleting, State::Idle);
-        }
         let info = c.exit_info().unwrap_or(ExitInfo {
             status: 0,
             at: SystemTime::now(),

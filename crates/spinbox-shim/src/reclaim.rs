@@ -1,0 +1,49 @@
+//! The one crash-reclaim path: what `shim delete` runs after a shim died (containerd calls it
+//! once per container of the dead shim). A pod's record lives in its sandbox's state
+//! directory and names every member's data directory, so reclaiming it from any container of
+//! the pod reclaims the whole pod; later calls find nothing left and succeed.
+
+use std::path::PathBuf;
+
+use spinbox_config::Config;
+
+use crate::container::work_dir;
+
+/// Reclaims what a dead shim left: the VM and everything its record names (processes verified
+/// by start time, files, the data directories of the pod's containers), then the state
+/// directory. `dir` is the state directory the shim recorded in the bundle (a member's names
+/// its sandbox's), or `<paths.state_dir>/<id>`. Idempotent.
+pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Vec<String> {
+    let mut errors = Vec::new();
+    if spinbox_vmm::state::validate_id(id).is_err() {
+        return vec![format!("refusing to reclaim invalid id {id:?}")];
+    }
+    let dir = dir.unwrap_or_else(|| config.paths.state_dir.join(id));
+    match spinbox_vmm::state::reclaim_contents(&dir).await {
+        Ok(killed) if !killed.is_empty() => {
+            tracing::warn!(id, killed = ?killed, "reclaimed processes of a dead shim")
+        }
+        Ok(_) => {}
+        Err(e) => errors.push(format!("reclaiming {}: {e}", dir.display())),
+    }
+    // The VM is gone: then its network, then the record itself (kept if anything failed).
+    let settings = spinbox_net::Settings::from_config(config);
+    errors.extend(
+        spinbox_net::release_recorded(&settings, &dir.join(spinbox_net::RECORD_FILE)).await,
+    );
+    if errors.is_empty() {
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("removing {}: {e}", dir.display())),
+        }
+    }
+    // A record older than its data directory's entry (or none at all): the default place.
+    let work = work_dir(config, id);
+    match tokio::fs::remove_dir_all(&work).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(format!("removing {}: {e}", work.display())),
+    }
+    errors
+}

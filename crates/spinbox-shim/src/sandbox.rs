@@ -1,0 +1,424 @@
+//! A Sandbox: the pod's microVM and what belongs to the VM rather than to one container —
+//! the agent connection, the vsock transport, the pod network mirrored into it, the disks
+//! hot-plugged for containers that joined after boot, and the OOM event stream.
+//!
+//! The first container of a pod (the CRI sandbox, or the only container of a `ctr run`)
+//! boots the VM and owns the Sandbox; members join it: their disks are hot-plugged onto
+//! root ports reserved at boot ([`spinbox_vmm::hotplug`]), a layer shared by two members is
+//! attached once (found by its serial) and unplugged when its last user goes. Hot-plugged
+//! disks are recorded in `hotplug.json` in the sandbox's state directory before each plug.
+//!
+//! Locks: `vm` is held only to reach the VM's QMP for one plug or unplug, or to take the VM
+//! at teardown; `slots` serialises plugs and unplugs (taken before `vm`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use spinbox_agent_api::agent::{IpAddress, NetworkConfig, NetworkInterface, NetworkRoute};
+use spinbox_agent_api::agent_ttrpc::AgentClient;
+use spinbox_config::Config;
+use spinbox_storage::Disk;
+use spinbox_vmm::state::StateDir;
+use spinbox_vmm::vm::OutputPorts;
+use spinbox_vmm::vsock::VsockTransport;
+use spinbox_vmm::{DiskAttach, Vm};
+use tokio::sync::watch;
+
+use crate::container::ContainerError;
+
+/// The hot-plugged disks' record, in the sandbox's state directory.
+const HOTPLUG_RECORD: &str = "hotplug.json";
+
+/// One hot-plugged disk: which root port it sits on and which containers use it.
+#[derive(Debug, Clone, Serialize)]
+struct Plugged {
+    serial: String,
+    node: String,
+    port: u32,
+    path: std::path::PathBuf,
+    users: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    /// Free root ports, lowest first taken last (a stack).
+    free: Vec<u32>,
+    /// By serial.
+    plugged: HashMap<String, Plugged>,
+    /// Serials the VM booted with (the owner's disks): never plugged or unplugged.
+    at_boot: BTreeSet<String>,
+}
+
+pub struct Sandbox {
+    /// The pod's sandbox id: the id of the container that booted the VM.
+    pub id: String,
+    vm: tokio::sync::Mutex<Option<Vm>>,
+    vm_exit: watch::Receiver<Option<ExitStatus>>,
+    agent: AgentClient,
+    transport: VsockTransport,
+    state: Arc<StateDir>,
+    /// Whether the VM mirrors a network namespace (members join the guest's then).
+    share_vm_network: bool,
+    slots: tokio::sync::Mutex<Slots>,
+    output_ports: Mutex<Option<OutputPorts>>,
+    /// Set once the VM's teardown began: QEMU exiting after this is our doing.
+    tearing_down: AtomicBool,
+    config: Config,
+}
+
+impl Sandbox {
+    /// Wraps a booted VM. `boot_serials` are the disks it booted with; `hotplug_ports` the
+    /// root ports it reserved.
+    pub fn new(
+        id: &str,
+        vm: Vm,
+        state: Arc<StateDir>,
+        share_vm_network: bool,
+        boot_serials: impl IntoIterator<Item = String>,
+        hotplug_ports: u32,
+        config: &Config,
+    ) -> Sandbox {
+        let output_ports = vm.take_output_ports();
+        Sandbox {
+            id: id.to_owned(),
+            vm_exit: vm.exit_watch(),
+            agent: vm.agent().clone(),
+            transport: vm.transport().clone(),
+            vm: tokio::sync::Mutex::new(Some(vm)),
+            state,
+            share_vm_network,
+            slots: tokio::sync::Mutex::new(Slots {
+                free: (0..hotplug_ports).rev().collect(),
+                plugged: HashMap::new(),
+                at_boot: boot_serials.into_iter().collect(),
+            }),
+            output_ports: Mutex::new(output_ports),
+            tearing_down: AtomicBool::new(false),
+            config: config.clone(),
+        }
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn transport(&self) -> &VsockTransport {
+        &self.transport
+    }
+
+    pub fn state(&self) -> &Arc<StateDir> {
+        &self.state
+    }
+
+    pub fn share_vm_network(&self) -> bool {
+        self.share_vm_network
+    }
+
+    /// The VM's output serial ports, for the first container that asks (the owner).
+    pub fn take_output_ports(&self) -> Option<OutputPorts> {
+        self.output_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Whether QEMU is still running.
+    pub fn vm_alive(&self) -> bool {
+        self.vm_exit.borrow().is_none()
+    }
+
+    pub fn is_tearing_down(&self) -> bool {
+        self.tearing_down.load(Ordering::Acquire)
+    }
+
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>> {
+        self.vm_exit.clone()
+    }
+
+    /// Resolves when QEMU exits without us tearing it down (a VM death: guest panic, QEMU
+    /// killed or crashed). Never resolves for our own shutdown.
+    pub async fn vm_died(&self) {
+        let mut rx = self.vm_exit.clone();
+        let _ = rx.wait_for(|s| s.is_some()).await;
+        if self.is_tearing_down() {
+            std::future::pending::<()>().await;
+        }
+        let status = (*rx.borrow()).map(|s| s.to_string()).unwrap_or_default();
+        tracing::error!(sandbox = %self.id, qemu = %status, "microVM exited on its own");
+    }
+
+    /// Attaches `disks` for container `user`: a disk the VM already has (by serial) gains a
+    /// user; a new one is recorded, then plugged onto a free root port. On failure the
+    /// disks this call plugged are unplugged again.
+    pub async fn attach(&self, user: &str, disks: &[Disk]) -> Result<(), ContainerError> {
+        let mut slots = self.slots.lock().await;
+        let mut plugged_now: Vec<String> = Vec::new();
+        let mut result = Ok(());
+        for disk in disks {
+            if slots.at_boot.contains(&disk.serial) {
+                continue;
+            }
+            if let Some(p) = slots.plugged.get_mut(&disk.serial) {
+                p.users.insert(user.to_owned());
+                continue;
+            }
+            let Some(port) = slots.free.pop() else {
+                result = Err(ContainerError::Pod {
+                    sandbox: self.id.clone(),
+                    reason: format!(
+                        "no free hotplug slot for disk {} of container {user} (vm.hotplug_slots = {} in use)",
+                        disk.serial, self.config.vm.hotplug_slots
+                    ),
+                });
+                break;
+            };
+            let entry = Plugged {
+                serial: disk.serial.clone(),
+                node: format!("hd{port}"),
+                port,
+                path: disk.path.clone(),
+                users: BTreeSet::from([user.to_owned()]),
+            };
+            slots.plugged.insert(disk.serial.clone(), entry.clone());
+            if let Err(e) = self.write_record(&slots).await {
+                slots.plugged.remove(&disk.serial);
+                slots.free.push(port);
+                result = Err(e);
+                break;
+            }
+            let attach = DiskAttach {
+                path: disk.path.clone(),
+                serial: disk.serial.clone(),
+                read_only: disk.read_only,
+            };
+            let plugged = match self.vm.lock().await.as_ref() {
+                Some(vm) => spinbox_vmm::hotplug::plug_disk(
+                    vm.qmp(),
+                    &spinbox_vmm::hotplug::port_id(port),
+                    &entry.node,
+                    &attach,
+                )
+                .await
+                .map_err(ContainerError::from),
+                None => Err(self.gone()),
+            };
+            match plugged {
+                Ok(()) => {
+                    tracing::info!(sandbox = %self.id, container = user, serial = %disk.serial, port, "disk hot-plugged");
+                    plugged_now.push(disk.serial.clone());
+                }
+                Err(e) => {
+                    slots.plugged.remove(&disk.serial);
+                    slots.free.push(port);
+                    let _ = self.write_record(&slots).await;
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(slots);
+        if result.is_err() {
+            let errors = self.detach(user).await;
+            if !errors.is_empty() {
+                tracing::warn!(sandbox = %self.id, container = user, errors = ?errors, "undoing a failed attach");
+            }
+        }
+        result
+    }
+
+    /// Detaches container `user` from its disks; a disk nobody uses any more is unplugged
+    /// (not while the VM is going down: QEMU takes its devices along).
+    pub async fn detach(&self, user: &str) -> Vec<String> {
+        let mut slots = self.slots.lock().await;
+        let unused: Vec<String> = slots
+            .plugged
+            .values_mut()
+            .filter_map(|p| {
+                let was_user = p.users.remove(user);
+                (was_user && p.users.is_empty()).then(|| p.serial.clone())
+            })
+            .collect();
+        let mut errors = Vec::new();
+        if unused.is_empty() {
+            return errors;
+        }
+        let live = self.vm_alive() && !self.is_tearing_down();
+        for serial in unused {
+            let Some(p) = slots.plugged.get(&serial).cloned() else {
+                continue;
+            };
+            if live {
+                let unplugged = match self.vm.lock().await.as_ref() {
+                    Some(vm) => {
+                        spinbox_vmm::hotplug::unplug_disk(
+                            vm.qmp(),
+                            &p.node,
+                            self.config.timeouts.device_detection,
+                        )
+                        .await
+                    }
+                    None => Ok(()),
+                };
+                if let Err(e) = unplugged {
+                    // The device stays where it is; its port is not reused.
+                    errors.push(e.to_string());
+                    continue;
+                }
+                tracing::info!(sandbox = %self.id, container = user, serial = %serial, port = p.port, "disk unplugged");
+            }
+            slots.plugged.remove(&serial);
+            slots.free.push(p.port);
+        }
+        if let Err(e) = self.write_record(&slots).await {
+            errors.push(e.to_string());
+        }
+        errors
+    }
+
+    async fn write_record(&self, slots: &Slots) -> Result<(), ContainerError> {
+        let mut disks: Vec<Plugged> = slots.plugged.values().cloned().collect();
+        disks.sort_by_key(|p| p.port);
+        let dir = self.state.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            spinbox_vmm::state::write_json(&dir, HOTPLUG_RECORD, &disks)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| ContainerError::State {
+            path: self.state.path().join(HOTPLUG_RECORD),
+            source,
+        })
+    }
+
+    fn gone(&self) -> ContainerError {
+        ContainerError::Pod {
+            sandbox: self.id.clone(),
+            reason: "its VM is gone".into(),
+        }
+    }
+
+    /// The VM phase of the pod's teardown: the shutdown ladder, then the VM's host side.
+    pub async fn release_vm(&self) -> Vec<String> {
+        self.tearing_down.store(true, Ordering::Release);
+        let vm = self.vm.lock().await.take();
+        release_vm(vm).await
+    }
+
+    /// The network phase of the pod's teardown.
+    pub async fn release_network(&self) -> Vec<String> {
+        let network = spinbox_net::Settings::from_config(&self.config);
+        release_network(&network, &self.state).await
+    }
+
+    /// Marks the teardown begun (QEMU exiting from now on is not a death).
+    pub fn begin_teardown(&self) {
+        self.tearing_down.store(true, Ordering::Release);
+    }
+
+    /// The config the VM was booted with (a member's create runs with it too).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Forwards the guest's OOM events (a long poll on the agent) to `on_oom` with the id of
+    /// the container whose cgroup saw the kill, until the VM goes. An agent without OOM
+    /// events ends the watch at once. The watch ends by itself when the VM does.
+    pub fn watch_oom<F>(self: &Arc<Self>, on_oom: F)
+    where
+        F: Fn(String) + Send + 'static,
+    {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut vm_exit = me.vm_exit.clone();
+            let empty = spinbox_agent_api::agent::Empty::default();
+            loop {
+                let polled = tokio::select! {
+                    r = me.agent.get_oom_event(ttrpc::context::Context::default(), &empty) => r,
+                    _ = vm_exit.wait_for(|s| s.is_some()) => return,
+                };
+                match polled {
+                    Ok(ev) => on_oom(ev.container_id),
+                    Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::UNIMPLEMENTED => {
+                        tracing::warn!(sandbox = %me.id, "the agent has no OOM events");
+                        return;
+                    }
+                    Err(e) => {
+                        if !me.vm_alive() || me.is_tearing_down() {
+                            return;
+                        }
+                        tracing::warn!(sandbox = %me.id, error = %e, "GetOomEvent failed; retrying");
+                        tokio::time::sleep(me.config.timeouts.event_reconnect).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// What the guest's network configuration is: the mirrored interfaces and their routes.
+pub(crate) fn guest_network(attached: &spinbox_net::Attached) -> NetworkConfig {
+    NetworkConfig {
+        interfaces: attached
+            .interfaces
+            .iter()
+            .map(|i| NetworkInterface {
+                name: i.name.clone(),
+                mac: i.mac.clone(),
+                mtu: i.mtu,
+                addresses: i
+                    .addresses
+                    .iter()
+                    .map(|a| IpAddress {
+                        address: a.addr().to_string(),
+                        prefix_len: u32::from(a.prefix_len()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        routes: attached
+            .routes
+            .iter()
+            .map(|r| NetworkRoute {
+                destination: r.destination.map(|d| d.to_string()).unwrap_or_default(),
+                gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                device: r.device.clone(),
+                source: r.source.map(|s| s.to_string()).unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The network phase: what `network.json` in the state directory names (nft rules, tc
+/// redirects and TAPs, CNI DEL, the namespace spinbox created); the record goes once all is
+/// released.
+pub(crate) async fn release_network(
+    settings: &spinbox_net::Settings,
+    state: &StateDir,
+) -> Vec<String> {
+    spinbox_net::release_recorded(settings, &state.path().join(spinbox_net::RECORD_FILE)).await
+}
+
+/// The VM phase: the shutdown ladder, then the VM's host side (backend, console log, files).
+pub(crate) async fn release_vm(vm: Option<Vm>) -> Vec<String> {
+    match vm {
+        Some(vm) => {
+            let report = vm.shutdown().await;
+            tracing::info!(
+                vm = %report.vm_id,
+                graceful = report.graceful,
+                duration_ms = report.duration_ms,
+                "VM down"
+            );
+            vm.release().await
+        }
+        None => Vec::new(),
+    }
+}
