@@ -222,87 +222,160 @@ fn flags(bits: u64) -> MsFlags {
     MsFlags::from_bits_retain(bits)
 }
 
+/// One step of container-init's setup of the container's root and namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// unshare(CLONE_NEWCGROUP): born in the container's cgroup (CLONE_INTO_CGROUP), so the
+    /// new namespace is rooted there.
+    NewCgroupNs,
+    /// Make the whole (new) mount namespace private.
+    PrivateMounts,
+    /// Bind the root onto itself (pivot_root wants a mount point), writable as assembled.
+    BindRoot,
+    LoopbackUp,
+    /// `mounts[i]`, its mount point created in the root as needed.
+    Mount(usize),
+    PopulateDev,
+    /// `devices[i]`.
+    Device(usize),
+    PivotRoot,
+    Sysctl(usize),
+    MaskPath(usize),
+    ReadonlyPath(usize),
+    /// Bind-remount `/` read-only: last of the filesystem steps, once everything that may
+    /// write to the root (mount points, device nodes) is done, as runc does.
+    ReadonlyRoot,
+    Hostname,
+    Domainname,
+}
+
+/// The setup steps for `cfg`, in order.
+fn setup_steps(cfg: &InitConfig) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if cfg.new_cgroup_ns {
+        steps.push(Step::NewCgroupNs);
+    }
+    steps.extend([Step::PrivateMounts, Step::BindRoot]);
+    if cfg.new_net_ns {
+        steps.push(Step::LoopbackUp);
+    }
+    steps.extend((0..cfg.mounts.len()).map(Step::Mount));
+    if cfg.populate_dev {
+        steps.push(Step::PopulateDev);
+    }
+    steps.extend((0..cfg.devices.len()).map(Step::Device));
+    steps.push(Step::PivotRoot);
+    steps.extend((0..cfg.sysctl.len()).map(Step::Sysctl));
+    steps.extend((0..cfg.masked_paths.len()).map(Step::MaskPath));
+    steps.extend((0..cfg.readonly_paths.len()).map(Step::ReadonlyPath));
+    if cfg.readonly_root {
+        steps.push(Step::ReadonlyRoot);
+    }
+    if cfg.hostname.is_some() {
+        steps.push(Step::Hostname);
+    }
+    if cfg.domainname.is_some() {
+        steps.push(Step::Domainname);
+    }
+    steps
+}
+
 /// Everything up to (not including) the wait for the start signal.
 fn setup(cfg: &InitConfig) -> Result<()> {
-    if cfg.new_cgroup_ns {
-        // Born in the container's cgroup (CLONE_INTO_CGROUP), so the new namespace is rooted
-        // there.
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
-            .context("unshare(CLONE_NEWCGROUP)")?;
+    let root = Path::new(&cfg.rootfs);
+    for step in setup_steps(cfg) {
+        run_step(cfg, root, step)?;
     }
+    Ok(())
+}
+
+fn run_step(cfg: &InitConfig, root: &Path, step: Step) -> Result<()> {
+    match step {
+        Step::NewCgroupNs => nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+            .context("unshare(CLONE_NEWCGROUP)")?,
+        Step::PrivateMounts => mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .context("making / private")?,
+        Step::BindRoot => mount(
+            Some(root),
+            root,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting the rootfs {}", root.display()))?,
+        Step::LoopbackUp => loopback_up().context("bringing up lo")?,
+        Step::Mount(i) => {
+            let m = &cfg.mounts[i];
+            mount_one(root, m).with_context(|| {
+                format!(
+                    "mount {} ({}) on {}",
+                    m.source,
+                    display_type(m),
+                    m.destination
+                )
+            })?;
+        }
+        Step::PopulateDev => populate_dev(root).context("populating /dev")?,
+        Step::Device(i) => {
+            let d = &cfg.devices[i];
+            make_device(root, d).with_context(|| format!("device {}", d.path))?;
+        }
+        Step::PivotRoot => {
+            chdir(root).context("chdir to the rootfs")?;
+            pivot_root(".", ".").context("pivot_root")?;
+            // The old root is now stacked on "."; detach it.
+            umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
+            chdir("/").context("chdir /")?;
+        }
+        Step::Sysctl(i) => {
+            let (key, value) = &cfg.sysctl[i];
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            std::fs::write(&path, value).with_context(|| format!("sysctl {key}={value}"))?;
+        }
+        Step::MaskPath(i) => {
+            let p = &cfg.masked_paths[i];
+            mask_path(p).with_context(|| format!("masking {p}"))?;
+        }
+        Step::ReadonlyPath(i) => {
+            let p = &cfg.readonly_paths[i];
+            readonly_path(p).with_context(|| format!("making {p} read-only"))?;
+        }
+        Step::ReadonlyRoot => readonly_root().context("root.readonly: remounting / read-only")?,
+        Step::Hostname => {
+            if let Some(h) = &cfg.hostname {
+                nix::unistd::sethostname(h).with_context(|| format!("sethostname {h:?}"))?;
+            }
+        }
+        Step::Domainname => {
+            if let Some(d) = &cfg.domainname {
+                // SAFETY: a buffer and its length.
+                if unsafe { libc::setdomainname(d.as_ptr().cast(), d.len()) } != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("setdomainname {d:?}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bind-remounts the (pivoted) root read-only, keeping the flags it has (nosuid, nodev,
+/// noexec, atime), as runc does.
+fn readonly_root() -> Result<()> {
+    let keep = current_flags("/")?;
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        keep | MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
         None::<&str>,
-    )
-    .context("making / private")?;
-    let root = Path::new(&cfg.rootfs);
-    mount(
-        Some(root),
-        root,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .with_context(|| format!("bind-mounting the rootfs {}", root.display()))?;
-    if cfg.new_net_ns {
-        loopback_up().context("bringing up lo")?;
-    }
-    for m in &cfg.mounts {
-        mount_one(root, m).with_context(|| {
-            format!(
-                "mount {} ({}) on {}",
-                m.source,
-                display_type(m),
-                m.destination
-            )
-        })?;
-    }
-    if cfg.populate_dev {
-        populate_dev(root).context("populating /dev")?;
-    }
-    for d in &cfg.devices {
-        make_device(root, d).with_context(|| format!("device {}", d.path))?;
-    }
-
-    chdir(root).context("chdir to the rootfs")?;
-    pivot_root(".", ".").context("pivot_root")?;
-    // The old root is now stacked on "."; detach it.
-    umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
-    chdir("/").context("chdir /")?;
-
-    for (key, value) in &cfg.sysctl {
-        let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        std::fs::write(&path, value).with_context(|| format!("sysctl {key}={value}"))?;
-    }
-    for p in &cfg.masked_paths {
-        mask_path(p).with_context(|| format!("masking {p}"))?;
-    }
-    for p in &cfg.readonly_paths {
-        readonly_path(p).with_context(|| format!("making {p} read-only"))?;
-    }
-    if cfg.readonly_root {
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .context("remounting / read-only")?;
-    }
-    if let Some(h) = &cfg.hostname {
-        nix::unistd::sethostname(h).with_context(|| format!("sethostname {h:?}"))?;
-    }
-    if let Some(d) = &cfg.domainname {
-        // SAFETY: a buffer and its length.
-        if unsafe { libc::setdomainname(d.as_ptr().cast(), d.len()) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("setdomainname {d:?}"));
-        }
-    }
+    )?;
     Ok(())
 }
 
@@ -415,12 +488,30 @@ fn make_mount_point(target: &Path, file: bool) -> Result<()> {
     }
 }
 
+/// The error for a mount point that could not be created: on a read-only root (no writable
+/// layer) it says so.
+fn mount_point_error(e: anyhow::Error, destination: &str) -> anyhow::Error {
+    let read_only = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EROFS))
+    });
+    if read_only {
+        e.context(format!(
+            "the container's root is read-only (no writable layer), so the mount destination \
+             {destination} missing from the image cannot be created"
+        ))
+    } else {
+        e
+    }
+}
+
 fn mount_one(root: &Path, m: &MountPlan) -> Result<()> {
     let target = resolve_in_root(root, &m.destination)?;
     let bits = flags(m.flags);
     if m.is_bind() {
         let source_is_dir = Path::new(&m.source).is_dir();
-        make_mount_point(&target, !source_is_dir)?;
+        make_mount_point(&target, !source_is_dir)
+            .map_err(|e| mount_point_error(e, &m.destination))?;
         mount(
             Some(m.source.as_str()),
             &target,
@@ -441,7 +532,7 @@ fn mount_one(root: &Path, m: &MountPlan) -> Result<()> {
             .context("remounting the bind with its flags")?;
         }
     } else {
-        make_mount_point(&target, false)?;
+        make_mount_point(&target, false).map_err(|e| mount_point_error(e, &m.destination))?;
         let data = (!m.data.is_empty()).then_some(m.data.as_str());
         mount(
             Some(m.source.as_str()),
@@ -843,6 +934,89 @@ mod tests {
         assert_eq!(env_get(&env, "PATH"), Some("/a"));
         assert_eq!(env_get(&env, "HOME"), Some("/h"));
         assert_eq!(env_get(&env, "NOPE"), None);
+    }
+
+    fn init_config(readonly_root: bool) -> InitConfig {
+        let mount = |destination: &str| MountPlan {
+            destination: destination.into(),
+            source: "/run/spinbox/containers/c/files/0".into(),
+            fstype: String::new(),
+            flags: libc::MS_BIND | libc::MS_RDONLY,
+            propagation: 0,
+            data: String::new(),
+        };
+        InitConfig {
+            container_id: "c".into(),
+            rootfs: "/run/spinbox/containers/c/rootfs".into(),
+            readonly_root,
+            new_cgroup_ns: true,
+            new_net_ns: false,
+            hostname: Some("pod".into()),
+            domainname: None,
+            mounts: vec![mount("/etc/resolv.conf"), mount("/etc/hosts")],
+            populate_dev: true,
+            devices: Vec::new(),
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            sysctl: Vec::new(),
+            process: ProcessConfig {
+                args: vec!["/pause".into()],
+                env: Vec::new(),
+                cwd: "/".into(),
+                uid: 0,
+                gid: 0,
+                additional_gids: Vec::new(),
+                umask: 0o022,
+                rlimits: Vec::new(),
+                no_new_privileges: true,
+                capabilities: None,
+                oom_score_adj: None,
+                terminal: false,
+                seccomp: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_read_only_root_is_made_read_only_after_everything_is_mounted_in_it() {
+        let steps = setup_steps(&init_config(true));
+        assert_eq!(
+            steps,
+            vec![
+                Step::NewCgroupNs,
+                Step::PrivateMounts,
+                Step::BindRoot,
+                Step::Mount(0),
+                Step::Mount(1),
+                Step::PopulateDev,
+                Step::PivotRoot,
+                Step::MaskPath(0),
+                Step::ReadonlyPath(0),
+                Step::ReadonlyRoot,
+                Step::Hostname,
+            ]
+        );
+        // Whatever writes to the root (mount points, nodes) comes before the remount.
+        let at = |s: Step| steps.iter().position(|x| *x == s).unwrap();
+        assert!(steps
+            .iter()
+            .filter(|s| matches!(s, Step::Mount(_) | Step::PopulateDev | Step::Device(_)))
+            .all(|s| at(*s) < at(Step::ReadonlyRoot)));
+        assert!(!setup_steps(&init_config(false)).contains(&Step::ReadonlyRoot));
+    }
+
+    #[test]
+    fn a_mount_point_refused_by_a_read_only_root_says_so() {
+        let erofs = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EROFS))
+            .context("creating /r/etc/resolv.conf");
+        let e = format!("{:#}", mount_point_error(erofs, "/etc/resolv.conf"));
+        assert!(
+            e.contains("root is read-only") && e.contains("/etc/resolv.conf missing"),
+            "{e}"
+        );
+        let other = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let e = format!("{:#}", mount_point_error(other, "/etc/hosts"));
+        assert!(!e.contains("read-only"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use spinbox_agent_api::agent::ExecProcessRequest;
 use tokio::net::unix::pipe;
-use tokio::sync::oneshot;
 use ttrpc::Code;
 
 use super::launch::{self, Launched};
@@ -143,18 +142,15 @@ async fn launch_exec(
         .map_err(|e| internal("cgroup", &format!("{e:#}")))?;
     let (child_fds, ends) = stdio.split(start_r, status_w);
 
-    // A fresh thread: setns(CLONE_NEWPID) changes it for good.
-    let (tx, rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("exec-spawn".to_string())
-        .spawn(move || {
-            let r = launch::spawn_exec(&json, child_fds, init_pidfd, cgroup_dir.as_fd());
-            let _ = tx.send(r);
-        })
-        .map_err(io("starting the spawn thread"))?;
-    let launched: Launched = match rx.await {
-        Ok(Ok(l)) => l,
-        Ok(Err(e)) => {
+    // A thread of its own: setns(CLONE_NEWPID) changes it for good.
+    let spawned = launch::on_own_thread("exec-spawn", move || {
+        launch::spawn_exec(&json, child_fds, init_pidfd, cgroup_dir.as_fd())
+    })
+    .await
+    .map_err(io("the spawn thread"))?;
+    let launched: Launched = match spawned {
+        Ok(l) => l,
+        Err(e) => {
             // The init dying under us (its pid namespace refuses new members) is the
             // caller's precondition, anything else ours.
             let code = if c.has_exited() {
@@ -167,7 +163,6 @@ async fn launch_exec(
                 format!("{label}: starting container-exec: {e:#}"),
             ));
         }
-        Err(_) => return Err(internal("starting container-exec", &"the thread died")),
     };
     debug!("{label}: container-exec is pid {}", launched.pid);
 

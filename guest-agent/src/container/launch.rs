@@ -5,6 +5,12 @@
 //! between clone and exec: the agent is multithreaded, and the child of a multithreaded
 //! process may only make async-signal-safe calls. Everything the child touches is prepared
 //! before the clone.
+//!
+//! A namespace the child shares with another process (an exec with its container's init, a
+//! pod's container with its sandbox's init) is entered by the spawning thread before the
+//! clone, through that process's pidfd ([`enter_namespaces`]); the child inherits it. Such a
+//! thread is changed for good: it is one of its own ([`on_own_thread`]) and ends with the
+//! spawn.
 
 use std::ffi::CString;
 use std::io::{Seek as _, SeekFrom, Write as _};
@@ -98,14 +104,64 @@ fn high_dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// Namespaces of a running process for a new one to share: its pidfd and CLONE_NEW* flags.
+pub struct Join {
+    pub pidfd: OwnedFd,
+    pub namespaces: libc::c_int,
+}
+
+/// Enters `namespaces` (CLONE_NEW* flags) of the process behind `pidfd` for the calling
+/// thread (setns(2) with a pidfd and several flags, Linux 5.8+): uts, ipc and net for the
+/// thread and its future children, pid for its future children only. Never the mount
+/// namespace (a thread of a multithreaded process cannot change it). Only from a thread
+/// that ends after the spawn ([`on_own_thread`]).
+fn enter_namespaces(pidfd: BorrowedFd<'_>, namespaces: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setns(2) on a pidfd we hold, with namespace flags.
+    if unsafe { libc::setns(pidfd.as_raw_fd(), namespaces) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread of its own that ends with it, for a spawn that enters namespaces
+/// first: no pooled thread is left changed. Errors only when the thread cannot start or dies.
+pub async fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other(format!("the {name} thread died")))
+}
+
 /// Clones the container's init and registers it with the reaper. `namespaces` are CLONE_NEW*
-/// flags; `cgroup` the container's cgroup directory.
+/// flags of the new namespaces; `join` the namespaces shared with the pod's sandbox container
+/// instead (then call it from [`on_own_thread`]); `cgroup` the container's cgroup directory.
 pub fn spawn(
     config_json: &[u8],
     fds: ChildFds,
-    namespaces: u64,
+    namespaces: libc::c_int,
+    join: Option<Join>,
     cgroup: Option<BorrowedFd<'_>>,
 ) -> Result<Launched> {
+    if let Some(j) = &join {
+        if j.namespaces & (libc::CLONE_NEWNS | libc::CLONE_NEWUSER) != 0 {
+            anyhow::bail!("the mount and user namespaces cannot be shared");
+        }
+        enter_namespaces(j.pidfd.as_fd_ref(), j.namespaces).with_context(|| {
+            format!(
+                "entering the sandbox container's {} namespaces (setns)",
+                namespace_names(j.namespaces)
+            )
+        })?;
+    }
+    drop(join);
+    let namespaces = u64::try_from(namespaces).context("namespace flags")?;
     spawn_mode(
         CONTAINER_INIT_ARG,
         config_json,
@@ -116,10 +172,28 @@ pub fn spawn(
     )
 }
 
+/// `pid+ipc+uts` for CLONE_NEW* flags, for messages.
+pub fn namespace_names(flags: libc::c_int) -> String {
+    let names: Vec<&str> = [
+        (libc::CLONE_NEWPID, "pid"),
+        (libc::CLONE_NEWIPC, "ipc"),
+        (libc::CLONE_NEWUTS, "uts"),
+        (libc::CLONE_NEWNET, "net"),
+        (libc::CLONE_NEWNS, "mount"),
+        (libc::CLONE_NEWCGROUP, "cgroup"),
+        (libc::CLONE_NEWUSER, "user"),
+    ]
+    .into_iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| n)
+    .collect();
+    names.join("+")
+}
+
 /// Starts an exec process of a running container, from a dedicated thread (which ends with
-/// it): the thread enters the init's pid namespace for its children (setns(2) with
-/// CLONE_NEWPID changes only where the caller's future children are born, and only for this
-/// thread), then clones container-exec into it and into the container's cgroup. The child is
+/// it, see [`on_own_thread`]): the thread enters the init's pid namespace for its children
+/// (setns(2) with CLONE_NEWPID changes only where the caller's future children are born, and
+/// only for this thread), then clones container-exec into it and into the container's cgroup. The child is
 /// the agent's, so the reaper collects it. container-exec joins the init's other namespaces
 /// itself (a multithreaded process may not change its mount namespace), from the pidfd it
 /// gets as fd 6. Blocks the calling thread only briefly; call it from a fresh thread.
@@ -129,11 +203,8 @@ pub fn spawn_exec(
     init_pidfd: OwnedFd,
     cgroup: BorrowedFd<'_>,
 ) -> Result<Launched> {
-    // SAFETY: setns(2) on a pidfd we hold, with one namespace flag.
-    if unsafe { libc::setns(init_pidfd.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("entering the init's pid namespace (setns CLONE_NEWPID)");
-    }
+    enter_namespaces(init_pidfd.as_fd_ref(), libc::CLONE_NEWPID)
+        .context("entering the init's pid namespace (setns CLONE_NEWPID)")?;
     spawn_mode(
         CONTAINER_EXEC_ARG,
         config_json,
@@ -261,5 +332,20 @@ pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_flags_by_name() {
+        assert_eq!(
+            namespace_names(libc::CLONE_NEWUTS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC),
+            "pid+ipc+uts"
+        );
+        assert_eq!(namespace_names(libc::CLONE_NEWNS), "mount");
+        assert_eq!(namespace_names(0), "");
     }
 }

@@ -1,10 +1,12 @@
 //! Containers in the guest: the registry behind the container RPCs.
 //!
 //! CreateContainer assembles the root filesystem, writes the host's file copies ([`files`]),
-//! creates the cgroup and clones a container-init ([`child`]) into new namespaces; it returns
-//! once that process has done the whole OCI setup and waits for the start byte. StartProcess sends the byte and returns once
-//! the execve succeeded (or with its error). The exit is collected by PID 1's reaper and
-//! published, once stdout/stderr were flushed to the host, to every WaitProcess.
+//! creates the cgroup and clones a container-init ([`child`]) into new namespaces (a pod's
+//! container shares those the spec names by path with its sandbox container, and the pod's
+//! /dev/shm: [`sandbox`]); it returns once that process has done the whole OCI setup and
+//! waits for the start byte. StartProcess sends the byte and returns once the execve
+//! succeeded (or with its error). The exit is collected by PID 1's reaper and published, once
+//! stdout/stderr were flushed to the host, to every WaitProcess.
 //!
 //! ExecProcess does the same for an exec process ([`exec`]): a container-exec born in the
 //! init's pid namespace and the container's cgroup, which joins the init's other namespaces.
@@ -25,6 +27,7 @@ pub mod ops;
 pub mod process;
 pub mod pty;
 pub mod rootfs;
+pub mod sandbox;
 pub mod seccomp;
 pub mod shares;
 pub mod spec;
@@ -141,6 +144,8 @@ struct Rollback {
     cgroup: Option<Cgroup>,
     /// The container id whose file copies to delete.
     files_of: Option<String>,
+    /// The pod whose /dev/shm tmpfs to remove (the container's own, when it made it).
+    pod_shm: Option<String>,
 }
 
 impl Rollback {
@@ -148,11 +153,15 @@ impl Rollback {
         let rootfs = self.rootfs.take();
         let cgroup = self.cgroup.take();
         let files_of = self.files_of.take();
+        let pod_shm = self.pod_shm.take();
         let problems = tokio::task::spawn_blocking(move || {
             let mut problems = Vec::new();
             if let Some(cg) = cgroup {
                 cg.kill();
                 problems.extend(cg.remove(Duration::from_secs(2)));
+            }
+            if let Some(pod) = pod_shm {
+                problems.extend(sandbox::remove(&pod));
             }
             // Before the rootfs: its teardown removes the container's directory.
             if let Some(id) = files_of {
@@ -243,6 +252,9 @@ impl Manager {
         files::validate(&req.files).map_err(invalid)?;
         shares::validate(&req.shares).map_err(invalid)?;
         let spec = spec::parse_spec(&req.oci_spec).map_err(invalid)?;
+        let sandbox = self.sandbox_of(req)?;
+        let pod = sandbox::pod_of(id, &req.sandbox_id);
+        let pod_shm = sandbox::shm_dir(pod).display().to_string();
         let rootfs_path = Path::new(rootfs::CONTAINERS_DIR).join(id).join("rootfs");
         let rootfs_str = rootfs_path.display().to_string();
         // Shares first: a source the host shares is served live, whatever else names it.
@@ -257,6 +269,8 @@ impl Manager {
                 share_vm_network: req.share_vm_network,
                 file_copies: &file_copies,
                 source_exists: &|p| Path::new(p).exists(),
+                in_sandbox: sandbox.is_some(),
+                pod_shm: &pod_shm,
             },
         )
         .map_err(invalid)?;
@@ -294,6 +308,7 @@ impl Manager {
             rootfs: Some(mounted),
             cgroup: None,
             files_of: None,
+            pod_shm: None,
         };
         if !req.files.is_empty() {
             // Written into the container's directory, which assemble() just made.
@@ -312,7 +327,27 @@ impl Manager {
             }
             debug!("container {id}: {} file copies written", req.files.len());
         }
-        match self.launch(id, req, &plan, &mut rollback).await {
+        if plan.uses_pod_shm {
+            if pod == id {
+                rollback.pod_shm = Some(pod.to_string());
+            }
+            let owned_pod = pod.to_string();
+            let mounted = tokio::task::spawn_blocking(move || sandbox::ensure_shm(&owned_pod))
+                .await
+                .map_err(|e| anyhow::anyhow!("pod shm task: {e}"))
+                .and_then(|r| r);
+            if let Err(e) = mounted {
+                rollback.run().await;
+                return Err(RpcError::new(
+                    Code::FAILED_PRECONDITION,
+                    format!("container {id:?}: /dev/shm of pod {pod:?}: {e:#}"),
+                ));
+            }
+        }
+        match self
+            .launch(id, req, &plan, sandbox.as_deref(), &mut rollback)
+            .await
+        {
             Ok(c) => Ok((c, plan.warnings)),
             Err(e) => {
                 rollback.run().await;
@@ -321,11 +356,28 @@ impl Manager {
         }
     }
 
+    /// The sandbox container a request names (`sandbox_id`), which must exist.
+    fn sandbox_of(&self, req: &CreateContainerRequest) -> RpcResult<Option<Arc<Container>>> {
+        if req.sandbox_id.is_empty() {
+            return Ok(None);
+        }
+        self.get(&req.sandbox_id).map(Some).map_err(|_| {
+            RpcError::new(
+                Code::NOT_FOUND,
+                format!(
+                    "container {:?}: sandbox container {:?} not found",
+                    req.container_id, req.sandbox_id
+                ),
+            )
+        })
+    }
+
     async fn launch(
         &self,
         id: &str,
         req: &CreateContainerRequest,
         plan: &spec::ContainerPlan,
+        sandbox: Option<&Container>,
         rollback: &mut Rollback,
     ) -> RpcResult<Arc<Container>> {
         let internal = |what: &str, e: &dyn std::fmt::Display| {
@@ -355,21 +407,39 @@ impl Manager {
         let status_rx = pipe::Receiver::from_owned_fd(status_r).map_err(io("status pipe"))?;
         let json =
             serde_json::to_vec(&plan.init).map_err(|e| internal("encoding the init config", &e))?;
+        let join = match (plan.sandbox_namespaces, sandbox) {
+            (0, _) => None,
+            (namespaces, Some(sb)) => {
+                if sb.has_exited() {
+                    return Err(sandbox_gone(id, sb, namespaces));
+                }
+                let pidfd = sb.init.pidfd.try_clone().map_err(io("sandbox pidfd"))?;
+                Some(launch::Join { pidfd, namespaces })
+            }
+            (_, None) => return Err(internal("sandbox namespaces", &"no sandbox container")),
+        };
         let (child_fds, ends) = stdio.split(start_r, status_w);
 
-        let mut ns =
-            libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
-        if plan.init.new_net_ns {
-            ns |= libc::CLONE_NEWNET;
-        }
-        let launched = launch::spawn(
-            &json,
-            child_fds,
-            u64::try_from(ns).unwrap_or(0),
-            Some(cgroup_dir.as_fd()),
-        )
-        .map_err(|e| internal("starting container-init", &format!("{e:#}")))?;
-        drop(cgroup_dir);
+        let new_namespaces = plan.new_namespaces;
+        // A thread of its own: joining the sandbox's namespaces changes it for good.
+        let spawned = launch::on_own_thread("init-spawn", move || {
+            launch::spawn(
+                &json,
+                child_fds,
+                new_namespaces,
+                join,
+                Some(cgroup_dir.as_fd()),
+            )
+        })
+        .await
+        .map_err(io("the spawn thread"))?;
+        let launched = spawned.map_err(|e| match sandbox {
+            // Its namespaces went with its init.
+            Some(sb) if plan.sandbox_namespaces != 0 && sb.has_exited() => {
+                sandbox_gone(id, sb, plan.sandbox_namespaces)
+            }
+            _ => internal("starting container-init", &format!("{e:#}")),
+        })?;
         let pid = launched.pid;
         debug!("container {id}: container-init is pid {pid}");
 
@@ -380,13 +450,14 @@ impl Manager {
             return Err(e);
         }
         // Set up: wire stdio and the exit publisher. No bound on the output flush: the init's
-        // exit ends the pid namespace, so every writer goes.
+        // exit ends the pid namespace, so every writer goes (in the sandbox's pid namespace
+        // the agent kills the rest of the container instead, see kill_rest_on_init_exit).
         let init = Proc::wire(label, id, launched, ends, start_w, status, None);
 
         let Some(cgroup) = rollback.cgroup.take() else {
             return Err(internal("cgroup", &"lost"));
         };
-        Ok(Arc::new(Container {
+        let container = Arc::new(Container {
             id: id.to_string(),
             pid,
             cgroup,
@@ -394,7 +465,11 @@ impl Manager {
             init: Arc::new(init),
             seccomp: plan.init.process.seccomp.clone(),
             execs: Mutex::new(HashMap::new()),
-        }))
+        });
+        if plan.sandbox_namespaces & libc::CLONE_NEWPID != 0 {
+            kill_rest_on_init_exit(&container);
+        }
+        Ok(container)
     }
 
     /// StartProcess: lets the process exec; returns its pid, or the exec's error.
@@ -498,6 +573,8 @@ impl Manager {
                 problems.extend(r.teardown());
             }
             problems.extend(container.cgroup.remove(Duration::from_secs(2)));
+            // The pod's /dev/shm goes with its sandbox container (binds elsewhere keep it).
+            problems.extend(sandbox::remove(&container.id));
             problems
         })
         .await
@@ -528,6 +605,41 @@ impl Manager {
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         p.attach(stream, conn)
     }
+}
+
+/// The error for a sandbox container whose init has exited, with its namespaces.
+fn sandbox_gone(id: &str, sandbox: &Container, namespaces: libc::c_int) -> RpcError {
+    RpcError::new(
+        Code::FAILED_PRECONDITION,
+        format!(
+            "container {id:?}: the sandbox container {:?} has exited: its {} namespaces are gone",
+            sandbox.id,
+            launch::namespace_names(namespaces)
+        ),
+    )
+}
+
+/// A container in its sandbox's pid namespace does not end with its init (that namespace is
+/// the sandbox's): as containerd's runc shim does for a shared pid namespace, the rest of the
+/// container is killed when the init exits, which also closes the init's output.
+fn kill_rest_on_init_exit(c: &Arc<Container>) {
+    let weak = Arc::downgrade(c);
+    let init = c.init.clone();
+    tokio::spawn(async move {
+        if !init.until_reaped().await {
+            return;
+        }
+        let Some(c) = weak.upgrade() else {
+            return;
+        };
+        if !c.cgroup.procs().is_empty() {
+            debug!(
+                "container {}: the init exited in the sandbox's pid namespace; killing the rest",
+                c.id
+            );
+            c.cgroup.kill();
+        }
+    });
 }
 
 /// A signal number SignalProcess accepts.

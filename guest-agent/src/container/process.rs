@@ -307,6 +307,13 @@ impl Proc {
         self.reaped.borrow().is_some()
     }
 
+    /// Waits until it was reaped; false if that will never be known (the reaper dropped it).
+    pub(super) async fn until_reaped(&self) -> bool {
+        let mut reaped = self.reaped.clone();
+        let known = reaped.wait_for(|v| v.is_some()).await.is_ok();
+        known
+    }
+
     /// StartProcess: lets it exec; returns its pid, or the exec's error.
     pub(super) async fn start(&self) -> RpcResult<u32> {
         let label = &self.label;

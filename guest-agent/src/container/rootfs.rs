@@ -1,6 +1,11 @@
 //! Assembling a container's root filesystem from virtio-blk disks found by serial:
 //! EROFS lowers + an ext4 upper under overlayfs, or one disk that is the whole root.
 //!
+//! The root is mounted writable whenever its disks allow, even for a read-only root
+//! (`Rootfs.read_only`, `root.readonly`): container-init creates the spec's mount points in it
+//! and makes it read-only last, as runc does (see `child::Step::ReadonlyRoot`). Without a
+//! writable layer (lowers only, or a disk attached read-only) it is read-only from the start.
+//!
 //! Layout: `/run/spinbox/containers/<id>/{lower0,lower1,...,upper,rootfs}`.
 
 use std::path::{Path, PathBuf};
@@ -157,7 +162,6 @@ pub async fn assemble(id: &str, rootfs: &Rootfs) -> Result<MountedRootfs> {
     };
     let dir = Path::new(CONTAINERS_DIR).join(id);
     let block_fstype = rootfs.block_fstype.clone();
-    let read_only = rootfs.read_only;
     tokio::task::spawn_blocking(move || {
         let mut m = MountedRootfs {
             rootfs: dir.join("rootfs"),
@@ -171,7 +175,6 @@ pub async fn assemble(id: &str, rootfs: &Rootfs) -> Result<MountedRootfs> {
             upper.as_deref(),
             block_dev.as_deref(),
             &block_fstype,
-            read_only,
         ) {
             Ok(()) => Ok(m),
             Err(e) => {
@@ -227,7 +230,6 @@ fn mount_all(
     upper: Option<&Path>,
     block: Option<&Path>,
     block_fstype: &str,
-    read_only: bool,
 ) -> Result<()> {
     std::fs::create_dir_all(CONTAINERS_DIR).with_context(|| format!("mkdir {CONTAINERS_DIR}"))?;
     let dir = m.dir.clone();
@@ -241,8 +243,9 @@ fn mount_all(
     let root = m.rootfs.clone();
     mkdir(m, &root)?;
     if let Some(dev) = block {
-        // A disk the host attached read-only can only be mounted read-only.
-        let flags = if read_only || device_read_only(dev) {
+        // A disk the host attached read-only can only be mounted read-only; a writable one is
+        // mounted writable even for a read-only root (made read-only in the container, last).
+        let flags = if device_read_only(dev) {
             MsFlags::MS_RDONLY
         } else {
             MsFlags::empty()

@@ -239,6 +239,8 @@ pub struct InitConfig {
     pub container_id: String,
     /// The assembled root filesystem, as a path in the agent's mount namespace.
     pub rootfs: String,
+    /// Make the root read-only once everything is mounted in it (root.readonly, or the host's
+    /// `Rootfs.read_only`).
     pub readonly_root: bool,
     pub new_cgroup_ns: bool,
     pub new_net_ns: bool,
@@ -268,6 +270,16 @@ pub struct ExecConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerPlan {
     pub init: InitConfig,
+    /// CLONE_NEW* flags: the namespaces container-init is born in, new ones. The mount
+    /// namespace is always among them.
+    pub new_namespaces: libc::c_int,
+    /// CLONE_NEW* flags: the namespaces of the sandbox container's init that the container
+    /// joins instead (pid, ipc and uts that linux.namespaces names by path while the request
+    /// names a sandbox).
+    pub sandbox_namespaces: libc::c_int,
+    /// The /dev/shm bind is served from the pod's shared tmpfs ([`PlanContext::pod_shm`]),
+    /// which the agent mounts before the container's setup.
+    pub uses_pod_shm: bool,
     /// cgroup v2 files to write in the container's cgroup, in order.
     pub cgroup_limits: Vec<(String, String)>,
     /// Things that were ignored, for the log.
@@ -294,6 +306,29 @@ pub struct PlanContext<'a> {
     /// Whether a bind mount's source exists in the guest (host-only sources are skipped with
     /// a warning).
     pub source_exists: &'a dyn Fn(&str) -> bool,
+    /// The request names the pod's sandbox container (`CreateContainerRequest.sandbox_id`):
+    /// pid, ipc and uts namespaces given by path are that container's.
+    pub in_sandbox: bool,
+    /// The guest directory of the pod's shared /dev/shm tmpfs: a bind mount on /dev/shm whose
+    /// source is neither a copy nor a share (CRI's per-sandbox shm directory on the host)
+    /// binds it instead.
+    pub pod_shm: &'a str,
+}
+
+/// Where CRI binds the pod's shared memory directory.
+const DEV_SHM: &str = "/dev/shm";
+
+/// Flags every /dev/shm gets, as CRI mounts the sandbox's shm on the host.
+const SHM_FLAGS: u64 = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+/// The CLONE_NEW* flag of a namespace type that may be shared with the pod's sandbox.
+fn sandbox_namespace_flag(kind: &str) -> Option<libc::c_int> {
+    match kind {
+        "pid" => Some(libc::CLONE_NEWPID),
+        "ipc" => Some(libc::CLONE_NEWIPC),
+        "uts" => Some(libc::CLONE_NEWUTS),
+        _ => None,
+    }
 }
 
 /// The guest copy serving a bind mount's host `source`, if the host sent one.
@@ -326,11 +361,21 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
 
     let mut new_cgroup_ns = false;
     let mut new_net_ns = false;
+    // New unless shared with the sandbox: the container is PID 1 of its own pid namespace,
+    // with its own mounts, hostname and IPC.
+    let mut new_namespaces =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let mut sandbox_namespaces = 0;
     for ns in &linux.namespaces {
         let joins = ns.path.as_deref().is_some_and(|p| !p.is_empty());
+        if let Some(flag) = sandbox_namespace_flag(&ns.kind).filter(|_| joins && ctx.in_sandbox) {
+            // CRI names the sandbox (pause) container's namespace by its host path.
+            new_namespaces &= !flag;
+            sandbox_namespaces |= flag;
+            continue;
+        }
         match ns.kind.as_str() {
-            // Always new: the container is PID 1 of its own pid namespace, with its own mounts,
-            // hostname and IPC.
+            // The mount namespace is always new; the others are without a sandbox.
             "pid" | "mount" | "uts" | "ipc" => {
                 if joins {
                     warnings.push(format!(
@@ -360,8 +405,13 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         }
     }
 
+    if new_net_ns {
+        new_namespaces |= libc::CLONE_NEWNET;
+    }
+
     let mut mounts = Vec::new();
     let mut populate_dev = false;
+    let mut uses_pod_shm = false;
     for (i, m) in spec.mounts.iter().enumerate() {
         if !m.destination.starts_with('/') {
             bail!(
@@ -379,6 +429,12 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         if plan.is_bind() {
             if let Some(copy) = copy_for(ctx.file_copies, &plan.source) {
                 plan.source = copy.to_string();
+            } else if plan.destination == DEV_SHM {
+                // The host's per-sandbox shm directory means nothing in the guest: the pod's
+                // tmpfs, shared by every container of the sandbox, stands in for it.
+                plan.source = ctx.pod_shm.to_string();
+                plan.flags |= SHM_FLAGS;
+                uses_pod_shm = true;
             } else if !(ctx.source_exists)(&plan.source) {
                 warnings.push(format!(
                     "mount {}: bind source {:?} is not in the guest (files and read-only directories are copied in, writable directories shared; not this one); skipped",
@@ -438,6 +494,9 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
     };
     Ok(ContainerPlan {
         init,
+        new_namespaces,
+        sandbox_namespaces,
+        uses_pod_shm,
         cgroup_limits,
         warnings,
     })
@@ -763,6 +822,8 @@ mod tests {
             share_vm_network: false,
             file_copies: &[],
             source_exists: &exists,
+            in_sandbox: false,
+            pod_shm: "/run/spinbox/sandboxes/pod/shm",
         }
     }
 
@@ -990,6 +1051,142 @@ mod tests {
             assert!(!new_ns, "{ns}: share_vm_network keeps the guest's netns");
             assert!(warnings.is_empty(), "{ns}: {warnings:?}");
         }
+    }
+
+    /// A CRI app container's namespaces: the pod's pid (shareProcessNamespace), ipc and uts by
+    /// the pause container's paths, the network by the pod's netns.
+    const POD_NAMESPACES: &str = r#"[{"type": "pid", "path": "/proc/42/ns/pid"},
+        {"type": "ipc", "path": "/proc/42/ns/ipc"}, {"type": "uts", "path": "/proc/42/ns/uts"},
+        {"type": "mount"}, {"type": "network", "path": "/var/run/netns/cni-1"}]"#;
+
+    fn with_namespaces(namespaces: &str, in_sandbox: bool) -> ContainerPlan {
+        let json =
+            format!(r#"{{"process": {{"args": ["x"]}}, "linux": {{"namespaces": {namespaces}}}}}"#);
+        let spec = parse_spec(json.as_bytes()).unwrap();
+        let c = PlanContext {
+            in_sandbox,
+            share_vm_network: true,
+            ..ctx("/r", false)
+        };
+        plan("c", &spec, &c).unwrap()
+    }
+
+    #[test]
+    fn namespaces_named_by_path_are_the_sandboxs() {
+        use libc::{CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUTS};
+        // A pod's container: pid, ipc and uts joined, no warning; the mount namespace new.
+        let p = with_namespaces(POD_NAMESPACES, true);
+        assert_eq!(
+            p.sandbox_namespaces,
+            CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+        );
+        assert_eq!(p.new_namespaces, CLONE_NEWNS);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+
+        // Without a sandbox: new namespaces, and a warning for each path.
+        let p = with_namespaces(POD_NAMESPACES, false);
+        assert_eq!(p.sandbox_namespaces, 0);
+        assert_eq!(
+            p.new_namespaces,
+            CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+        );
+        for kind in ["pid", "ipc", "uts"] {
+            let needle = format!("{kind} namespace path \"/proc/42/ns/{kind}\" ignored");
+            assert!(
+                p.warnings.iter().any(|w| w.contains(&needle)),
+                "{needle}: {:?}",
+                p.warnings
+            );
+        }
+
+        // Entries without a path get new namespaces, in a pod too (a pod without
+        // shareProcessNamespace); a mount path is never joined.
+        let p = with_namespaces(
+            r#"[{"type": "pid"}, {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": ""}, {"type": "mount", "path": "/proc/42/ns/mnt"},
+                {"type": "network"}]"#,
+            true,
+        );
+        assert_eq!(p.sandbox_namespaces, CLONE_NEWIPC);
+        assert_eq!(p.new_namespaces, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS);
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(p.warnings[0].contains("mount namespace path"));
+
+        // A new network namespace is among the new ones.
+        let json =
+            r#"{"process": {"args": ["x"]}, "linux": {"namespaces": [{"type": "network"}]}}"#;
+        let spec = parse_spec(json.as_bytes()).unwrap();
+        let p = plan("c", &spec, &ctx("/r", false)).unwrap();
+        assert!(p.init.new_net_ns);
+        assert_eq!(p.new_namespaces & CLONE_NEWNET, CLONE_NEWNET);
+    }
+
+    #[test]
+    fn dev_shm_binds_become_the_pod_tmpfs() {
+        let shm_bind = |options: &str| {
+            format!(
+                r#"{{"process": {{"args": ["x"]}}, "mounts": [
+                    {{"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}},
+                    {{"destination": "/dev/shm/", "type": "bind", "options": {options},
+                      "source": "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/p1/shm"}}]}}"#
+            )
+        };
+        let shm_of = |p: &ContainerPlan| {
+            p.init
+                .mounts
+                .iter()
+                .find(|m| m.destination == "/dev/shm")
+                .cloned()
+                .expect("a /dev/shm mount")
+        };
+        let base =
+            libc::MS_BIND | libc::MS_REC | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+        // CRI's pause container: read-only.
+        let spec =
+            parse_spec(shm_bind(r#"["rbind", "ro", "nosuid", "nodev", "noexec"]"#).as_bytes())
+                .unwrap();
+        let p = plan("c", &spec, &ctx("/r", false)).unwrap();
+        assert!(p.uses_pod_shm);
+        assert!(p.warnings.is_empty(), "no warning: {:?}", p.warnings);
+        let shm = shm_of(&p);
+        assert_eq!(shm.source, "/run/spinbox/sandboxes/pod/shm");
+        assert_eq!(shm.flags, base | libc::MS_RDONLY);
+        // An app container: writable, and nosuid/nodev/noexec whatever the spec says.
+        let spec = parse_spec(shm_bind(r#"["rbind", "rprivate", "rw"]"#).as_bytes()).unwrap();
+        let p = plan("c", &spec, &ctx("/r", false)).unwrap();
+        let shm = shm_of(&p);
+        assert!(p.uses_pod_shm);
+        assert_eq!(shm.flags, base);
+        assert_eq!(shm.propagation, libc::MS_PRIVATE | libc::MS_REC);
+
+        // A source the host sent (a copy or a share) is served as such.
+        let copies = vec![(
+            "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/p1/shm".to_string(),
+            "/run/spinbox/shares/sbxfs0".to_string(),
+        )];
+        let c = PlanContext {
+            file_copies: &copies,
+            ..ctx("/r", false)
+        };
+        let p = plan("c", &spec, &c).unwrap();
+        assert!(!p.uses_pod_shm);
+        assert_eq!(shm_of(&p).source, "/run/spinbox/shares/sbxfs0");
+        assert_eq!(shm_of(&p).flags, libc::MS_BIND | libc::MS_REC);
+
+        // A tmpfs on /dev/shm (containerd's default spec) stays one, as does a bind elsewhere.
+        let spec = parse_spec(
+            br#"{"process": {"args": ["x"]}, "mounts": [
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["mode=1777"]},
+                {"destination": "/dev/shm2", "type": "bind", "source": "/nowhere"}]}"#,
+        )
+        .unwrap();
+        let p = plan("c", &spec, &ctx("/r", false)).unwrap();
+        assert!(!p.uses_pod_shm);
+        let shm = shm_of(&p);
+        assert_eq!((shm.fstype.as_str(), shm.source.as_str()), ("tmpfs", "shm"));
+        assert_eq!(p.init.mounts.len(), 1);
+        assert!(p.warnings[0].contains("/nowhere"), "{:?}", p.warnings);
     }
 
     #[test]
