@@ -19,6 +19,12 @@ pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Vec<Str
         return vec![format!("refusing to reclaim invalid id {id:?}")];
     }
     let dir = dir.unwrap_or_else(|| config.paths.state_dir.join(id));
+    if let Some(owner) = live_owner(&dir).await {
+        // containerd runs `shim delete` for a pod's member whose task it deleted too (when it
+        // lets go of the member's connection): the pod's shim lives and keeps its VM.
+        tracing::info!(id, owner, dir = %dir.display(), "the pod's shim is alive: nothing to reclaim");
+        return Vec::new();
+    }
     match spinbox_vmm::state::reclaim_contents(&dir).await {
         Ok(killed) if !killed.is_empty() => {
             tracing::warn!(id, killed = ?killed, "reclaimed processes of a dead shim")
@@ -46,4 +52,14 @@ pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Vec<Str
         Err(e) => errors.push(format!("removing {}: {e}", work.display())),
     }
     errors
+}
+
+/// The pid of the live shim that owns the record in `dir`, if any (pid and start time match).
+pub async fn live_owner(dir: &std::path::Path) -> Option<u32> {
+    let dir = dir.to_owned();
+    let record = tokio::task::spawn_blocking(move || spinbox_vmm::state::read_record(&dir))
+        .await
+        .ok()?
+        .ok()?;
+    record.owner.filter(|o| o.is_alive()).map(|o| o.pid)
 }

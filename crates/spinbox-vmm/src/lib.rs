@@ -5,6 +5,7 @@
 //! - [`qmp`]: an async QMP client.
 //! - [`hotplug`]: disks plugged into, and unplugged from, a running VM over QMP.
 //! - [`vsock`]: reaching the agent (AF_VSOCK or hybrid vsock over vhost-device-vsock).
+//! - [`sockdir`]: socket addresses in a state directory of any length.
 //! - [`process`]: spawning children with a parent-death signal; pid + start-time identity.
 //! - [`state`]: the per-VM state directory and record, and reclaiming orphans.
 //! - [`vm`]: one VM's start (with rollback), readiness and shutdown ladder.
@@ -14,6 +15,7 @@ pub mod cmdline;
 pub mod hotplug;
 pub mod process;
 pub mod qmp;
+pub mod sockdir;
 pub mod state;
 pub mod vm;
 pub mod vsock;

@@ -18,6 +18,7 @@ use crate::accel::{resolve_accel, resolve_vsock, HostCaps, VsockKind};
 use crate::cmdline::{self, AccelKind, QemuCommandLine};
 use crate::process::{self, PassFd, ProcessRecord};
 use crate::qmp::{Qmp, QmpError};
+use crate::sockdir::SocketDir;
 use crate::state::{self, StateDir};
 use crate::vsock::{self, VsockTransport};
 
@@ -30,8 +31,6 @@ const VHOST_FD: i32 = 4;
 const FIRST_NIC_FD: i32 = 5;
 /// QEMU's ends of the output serial ports' socket pairs: stdout, then stderr.
 const FIRST_PORT_FD: i32 = FIRST_NIC_FD + MAX_NICS as i32;
-/// Longest path a unix socket address holds (sun_path, less the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -240,6 +239,8 @@ pub struct Vm {
     output_ports: std::sync::Mutex<Option<OutputPorts>>,
     // Held so the kernel keeps the CID claimed for this VM until it is gone.
     _vhost_fd: Option<OwnedFd>,
+    /// Held for the sockets' addresses (the vsock transport's, QMP's) while the VM lives.
+    _sockets: SocketDir,
 }
 
 /// Files a VM creates in its state directory (besides the records).
@@ -679,20 +680,12 @@ impl Vm {
         Vm::check_paths(config, options, host)?;
 
         let dir = state.path().to_owned();
-        let socket_path = |name: &str| -> Result<PathBuf, VmError> {
-            let p = dir.join(name);
-            if p.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(VmError::Path {
-                    key: "paths.state_dir",
-                    path: p,
-                    reason: format!("socket path longer than {MAX_SOCKET_PATH} bytes"),
-                });
-            }
-            Ok(p)
-        };
-        let qmp_path = socket_path("qmp.sock")?;
-        let backend_sock = socket_path("vhost-vsock.sock")?;
-        let vsock_uds = socket_path("vsock.sock")?;
+        let sockets = SocketDir::open(&dir).map_err(|source| VmError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let qmp_path = sockets.local("qmp.sock");
+        let vsock_uds = sockets.local("vsock.sock");
 
         std::fs::create_dir_all(&paths.log_dir).map_err(|source| VmError::StateDir {
             path: paths.log_dir.clone(),
@@ -724,7 +717,7 @@ impl Vm {
                 VsockTransport::Kernel { cid }
             }
             VsockKind::VhostUser => {
-                let backend = start_vsock_backend(config, &dir, &backend_sock, &vsock_uds).await;
+                let backend = start_vsock_backend(config, &sockets).await;
                 let backend = match backend {
                     Ok(b) => b,
                     Err((e, b)) => {
@@ -748,9 +741,14 @@ impl Vm {
         let mut fs_sockets = Vec::new();
         for (i, share) in options.shares.iter().enumerate() {
             let [sock_name, stderr_name] = share_file_names(i);
-            let sock = socket_path(&sock_name)?;
-            let started =
-                start_virtiofsd(config, &share.source, &sock, dir.join(stderr_name)).await;
+            let started = start_virtiofsd(
+                config,
+                &share.source,
+                &sockets,
+                &sock_name,
+                dir.join(stderr_name),
+            )
+            .await;
             let backend = match started {
                 Ok(b) => b,
                 Err((e, b)) => {
@@ -764,7 +762,7 @@ impl Vm {
                 .update(|r| r.fs_backends.push(rec))
                 .await
                 .map_err(record_err)?;
-            fs_sockets.push((share.tag.clone(), sock));
+            fs_sockets.push((share.tag.clone(), sockets.for_child(&sock_name)));
         }
 
         // QMP: bound here, passed to QEMU as a listening fd, so it is up when QEMU is.
@@ -865,7 +863,7 @@ impl Vm {
             }
             VsockTransport::Hybrid { .. } => {
                 cmd.push(cmdline::VhostUserVsockPci {
-                    backend_socket: backend_sock.clone(),
+                    backend_socket: sockets.for_child("vhost-vsock.sock"),
                 });
             }
         }
@@ -880,6 +878,7 @@ impl Vm {
             })?;
         let spawned_at = Instant::now();
         let child = process::command(&paths.qemu, &args, fds)
+            .current_dir(sockets.dir())
             .stdout(std::process::Stdio::null())
             .stderr(stderr_file)
             .spawn()
@@ -1034,6 +1033,7 @@ impl Vm {
             shutdown: tokio::sync::OnceCell::new(),
             output_ports: std::sync::Mutex::new(output_ports),
             _vhost_fd: vhost_fd,
+            _sockets: sockets,
         })
     }
 
@@ -1431,11 +1431,11 @@ async fn health_once(
 
 async fn start_vsock_backend(
     config: &Config,
-    dir: &Path,
-    backend_sock: &Path,
-    vsock_uds: &Path,
+    sockets: &SocketDir,
 ) -> Result<Backend, (VmError, Option<Backend>)> {
     let cid = HYBRID_GUEST_CID.to_string();
+    let backend_sock = sockets.for_child("vhost-vsock.sock");
+    let vsock_uds = sockets.for_child("vsock.sock");
     let args: Vec<&std::ffi::OsStr> = vec![
         "--guest-cid".as_ref(),
         cid.as_ref(),
@@ -1448,8 +1448,9 @@ async fn start_vsock_backend(
         "vhost-device-vsock",
         &config.paths.vhost_device_vsock,
         &args,
-        dir.join("vhost-device-vsock.stderr"),
-        backend_sock,
+        sockets.full("vhost-device-vsock.stderr"),
+        sockets,
+        &sockets.full("vhost-vsock.sock"),
         config.timeouts.device_detection,
     )
     .await
@@ -1460,11 +1461,12 @@ async fn start_vsock_backend(
 async fn start_virtiofsd(
     config: &Config,
     source: &Path,
-    socket: &Path,
+    sockets: &SocketDir,
+    socket_name: &str,
     stderr_log: PathBuf,
 ) -> Result<Backend, (VmError, Option<Backend>)> {
     let mut socket_arg = std::ffi::OsString::from("--socket-path=");
-    socket_arg.push(socket);
+    socket_arg.push(sockets.for_child(socket_name));
     let mut source_arg = std::ffi::OsString::from("source=");
     source_arg.push(fuse_opt_escape(source.as_os_str()));
     let args: Vec<&std::ffi::OsStr> = vec![
@@ -1487,7 +1489,8 @@ async fn start_virtiofsd(
         &config.paths.virtiofsd,
         &args,
         stderr_log,
-        socket,
+        sockets,
+        &sockets.full(socket_name),
         config.timeouts.device_detection,
     )
     .await
@@ -1514,6 +1517,7 @@ async fn start_backend(
     program: &Path,
     args: &[&std::ffi::OsStr],
     stderr_log: PathBuf,
+    sockets: &SocketDir,
     socket: &Path,
     limit: Duration,
 ) -> Result<Backend, (VmError, Option<Backend>)> {
@@ -1531,6 +1535,7 @@ async fn start_backend(
         .into_std()
         .await;
     let child = process::command(program, args, Vec::new())
+        .current_dir(sockets.dir())
         .stdout(std::process::Stdio::null())
         .stderr(stderr_file)
         .env("RUST_LOG", "warn")

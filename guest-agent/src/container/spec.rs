@@ -359,7 +359,10 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         bail!("user namespaces (linux.uidMappings) are not supported yet");
     }
 
-    let mut new_cgroup_ns = false;
+    // The guest is cgroup v2: a container always gets a cgroup namespace of its own, so it sees
+    // its own cgroup at /sys/fs/cgroup, as containerd's specs give it on a cgroup v2 host (and
+    // as a cgroup v1 host's runc shows the container its own limits).
+    let new_cgroup_ns = true;
     let mut new_net_ns = false;
     // New unless shared with the sandbox: the container is PID 1 of its own pid namespace,
     // with its own mounts, hostname and IPC.
@@ -398,7 +401,14 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
                     new_net_ns = true;
                 }
             }
-            "cgroup" => new_cgroup_ns = !joins,
+            "cgroup" => {
+                if joins {
+                    warnings.push(format!(
+                        "linux.namespaces: cgroup namespace path {:?} is the host's; the container gets its own",
+                        ns.path.as_deref().unwrap_or("")
+                    ));
+                }
+            }
             "user" => bail!("user namespaces are not supported yet"),
             "time" => warnings.push("linux.namespaces: time namespace ignored".to_string()),
             other => bail!("linux.namespaces: unknown namespace type {other:?}"),
