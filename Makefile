@@ -1,11 +1,14 @@
 # spinbox — build, test, demo and install.
 #
 #   make demo     install what is missing, build, boot a microVM and talk to its agent
-#   make test     install what is missing, build the guest, run every test
+#   make test     install what is missing, build the guest, run every test, then a smoke set
+#                 against containerd 1.7 and 2.x (tests/containerd-matrix.sh; fetched from
+#                 Debian trixie and sid into build/containerd; CONTAINERD_MATRIX=none skips it)
 #   make bench    spinbox side by side with runc and the boot floor (docs/BENCHMARKS.md)
 #   make install  put binaries, guest image and default config in place
 #
-# Variables: PREFIX (/usr/local), SHAREDIR (/usr/share/spinbox), CONFDIR (/etc/spinbox).
+# Variables: PREFIX (/usr/local), SHAREDIR (/usr/share/spinbox), CONFDIR (/etc/spinbox),
+# CONTAINERD_MATRIX (the Debian suites whose containerd `make test` also runs: trixie sid).
 
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
@@ -21,8 +24,9 @@ AGENT_TARGET_DIR := target/guest
 AGENT    := $(AGENT_TARGET_DIR)/$(TARGET)/release/spinbox-agent
 # Two cores: one VM-booting test at a time is what the tests enforce; threads for the rest.
 TEST_THREADS ?= 2
+CONTAINERD_MATRIX ?= trixie sid
 
-.PHONY: all deps build agent guest test bench unit lint demo install minimal-kernel clean
+.PHONY: all deps build agent guest test containerd-matrix bench unit lint demo install minimal-kernel clean
 
 all: build guest
 
@@ -52,6 +56,11 @@ unit:
 
 test: deps guest
 	TEST_THREADS=$(TEST_THREADS) bash tests/run.sh
+	TEST_THREADS=$(TEST_THREADS) SPINBOX_CONTAINERD_MATRIX="$(CONTAINERD_MATRIX)" bash tests/containerd-matrix.sh
+
+# Only the smoke set against other containerd versions (tests/containerd-matrix.sh).
+containerd-matrix: deps guest
+	TEST_THREADS=$(TEST_THREADS) SPINBOX_CONTAINERD_MATRIX="$(CONTAINERD_MATRIX)" bash tests/containerd-matrix.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -11,6 +11,7 @@ packages=(
   containernetworking-plugins nftables iproute2
   erofs-utils e2fsprogs
   busybox-static cpio xz-utils kmod zstd   # guest image assembly, test images
+  protobuf-compiler    # protoc, for the CRI client (k8s-cri) of the pod tests
   procps psmisc util-linux
   tmux                 # the TTY end-to-end test drives `ctr run -t` in a real terminal
   ca-certificates

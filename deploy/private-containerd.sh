@@ -3,9 +3,52 @@
 # under DIR, spinbox's shim found on its PATH, nothing shared with a system containerd.
 #   private-containerd.sh start DIR SHIM_DIR [SPINBOX_CONFIG]   # prints the socket address
 #   private-containerd.sh stop DIR
+# CRI is off unless SPINBOX_CRI_CNI_CONF_DIR names a CNI conf dir: then the CRI plugin serves
+# on the same socket with runtime handlers `spinbox` and `runc` (the baseline), CNI plugins
+# from /usr/lib/cni, and the sandbox image SPINBOX_CRI_SANDBOX_IMAGE (default
+# docker.io/library/spinbox-pause:latest, tests/image/build-pause-image.sh), which must be
+# imported into the k8s.io namespace (there is no registry to pull it from).
+# SPINBOX_CONTAINERD_BIN_DIR: a folder with the containerd, ctr and containerd-shim-runc-v2 to
+# use (another version, tests/fetch-containerd.sh); default: those on PATH. containerd 2.x
+# takes this version 2 config and migrates it (one warning in its log).
 set -euo pipefail
 cmd=${1:?start|stop}
 dir=${2:?directory}
+bin_dir=${SPINBOX_CONTAINERD_BIN_DIR:-}
+containerd_bin=${bin_dir:+$bin_dir/}containerd
+ctr_bin=${bin_dir:+$bin_dir/}ctr
+
+# The CRI part of the config (containerd 1.6/1.7, config version 2), or CRI disabled.
+cri_config() {
+  if [[ -z "${SPINBOX_CRI_CNI_CONF_DIR:-}" ]]; then
+    echo 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'
+    return
+  fi
+  local cri='plugins."io.containerd.grpc.v1.cri"'
+  # These machines drop CAP_SYS_RESOURCE even for root: without restrict_oom_score_adj runc
+  # fails to give the sandbox its -998 oom_score_adj. No AppArmor on them either.
+  cat <<TOML
+[$cri]
+  sandbox_image = "${SPINBOX_CRI_SANDBOX_IMAGE:-docker.io/library/spinbox-pause:latest}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+[$cri.cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "$SPINBOX_CRI_CNI_CONF_DIR"
+[$cri.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+[$cri.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[$cri.containerd.runtimes.spinbox]
+  runtime_type = "io.containerd.spinbox.v2"
+TOML
+  [[ -n "$spinbox_config" ]] && cat <<TOML
+[$cri.containerd.runtimes.spinbox.options]
+  ConfigPath = "$spinbox_config"
+TOML
+  return 0
+}
 
 case "$cmd" in
 start)
@@ -17,7 +60,7 @@ start)
 version = 2
 root = "$dir/root"
 state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+$(cri_config)
 [grpc]
   address = "$dir/containerd.sock"
 [ttrpc]
@@ -25,12 +68,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [debug]
   level = "info"
 TOML
-  env_args=(PATH="$shim_dir:$PATH")
+  env_args=(PATH="$shim_dir:${bin_dir:+$bin_dir:}$PATH")
   [[ -n "$spinbox_config" ]] && env_args+=(SPINBOX_CONFIG="$spinbox_config")
-  setsid env "${env_args[@]}" containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 </dev/null &
+  # Only stdio: a descriptor the caller holds (a lock, a pipe) must not live on in a daemon.
+  setsid env "${env_args[@]}" "$containerd_bin" --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 </dev/null \
+    3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
   echo $! >"$dir/containerd.pid"
   for _ in $(seq 1 100); do
-    if ctr --address "$dir/containerd.sock" version >/dev/null 2>&1; then
+    if "$ctr_bin" --address "$dir/containerd.sock" version >/dev/null 2>&1; then
       echo "$dir/containerd.sock"
       exit 0
     fi

@@ -5,6 +5,7 @@
 //! (default `<workspace>/build/guest`). `make test` sets `SPINBOX_REQUIRE_VM=1`, which turns a
 //! missing guest or binary into a failure instead of a skip.
 
+pub mod cri;
 pub mod ctr;
 
 use std::path::{Path, PathBuf};

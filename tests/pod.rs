@@ -1,0 +1,770 @@
+//! Kubernetes pods through containerd's CRI plugin, as kubelet drives them: a pause sandbox,
+//! then app containers that share its network, IPC (and on request PID) namespaces.
+//!
+//! Every test runs once per runtime handler: `runc` is the baseline that proves the harness
+//! and each assertion on this host; `spinbox` must behave the same from the pod's side, with
+//! the whole pod in one VM (one kernel: one boot_id, one QEMU). Each test ends by checking
+//! that StopPodSandbox + RemovePodSandbox left nothing: no pod or container known to CRI, no
+//! network namespace, IP allocation, process, mount, VM state or log.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use spinbox_tests::cri::{self, api, eventually, Cri, CriEnv, Pod};
+
+const MIB: i64 = 1 << 20;
+/// An HTTP server in the pod, on port 8080 of the pod's network namespace.
+const SERVER: &str = "mkdir -p /www && echo 'hello from the server' >/www/index.html && \
+                      exec httpd -f -p 8080 -h /www";
+const GREETING: &str = "hello from the server";
+/// How long a server in a fresh container may take to answer (a VM under TCG is slow).
+const SERVE_WITHIN: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Runtime {
+    Runc,
+    Spinbox,
+}
+
+impl Runtime {
+    /// The runtime handler name in the suite's containerd CRI config.
+    fn handler(self) -> &'static str {
+        match self {
+            Runtime::Runc => "runc",
+            Runtime::Spinbox => "spinbox",
+        }
+    }
+}
+
+/// One test's world: the runtime under test, a CRI connection, the suite's paths, and a
+/// directory for the pods' logs.
+struct PodTest {
+    runtime: Runtime,
+    cri: Cri,
+    env: CriEnv,
+    logs: tempfile::TempDir,
+}
+
+/// Runs `test` for `runtime`, alone in this binary (pods of two tests would confuse each
+/// other's VM counts and leak checks).
+fn run<F, Fut>(runtime: Runtime, test: F)
+where
+    F: FnOnce(PodTest) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let Some(env) = CriEnv::from_env() else {
+        return;
+    };
+    if runtime == Runtime::Spinbox && spinbox_tests::guest_dir().is_none() {
+        return;
+    }
+    spinbox_tests::run_vm_test(async move {
+        let cri = Cri::connect(&env.address)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let logs = tempfile::tempdir().expect("a log directory");
+        let mut t = PodTest {
+            runtime,
+            cri,
+            env,
+            logs,
+        };
+        t.assert_all_clean("before the test").await;
+        test(t).await;
+    });
+}
+
+/// Each test as `<test>::runc` and `<test>::spinbox`.
+macro_rules! per_runtime {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn runc() {
+                super::run(super::Runtime::Runc, super::$test)
+            }
+            #[test]
+            fn spinbox() {
+                super::run(super::Runtime::Spinbox, super::$test)
+            }
+        }
+    )*};
+}
+
+per_runtime!(
+    two_containers_share_one_pod,
+    a_late_container_joins_and_a_removed_one_leaves_its_sibling,
+    shared_process_namespace_shows_the_siblings,
+    stop_and_remove_leave_nothing,
+    a_killed_shim_is_cleaned_up_and_the_pod_runs_again,
+);
+
+/// Two containers of one pod share its kernel (one VM for spinbox), hostname and network
+/// namespace (a server in one answers the other on 127.0.0.1 and the host on the pod IP);
+/// each gets its memory limit, its CRI log, ExecSync and stats. A second pod is another
+/// kernel (another VM) for spinbox.
+async fn two_containers_share_one_pod(mut t: PodTest) {
+    let qemus_before = t.qemus().len();
+    let pod = t.run_pod("pair", false).await;
+    let server = t.run_container(&pod, "server", SERVER, false, None).await;
+    let limit = 64 * MIB;
+    let client = t
+        .run_container(
+            &pod,
+            "client",
+            "echo client up; exec sleep 3600",
+            false,
+            Some(limit),
+        )
+        .await;
+
+    if t.runtime == Runtime::Spinbox {
+        let qemus = t.qemus();
+        assert_eq!(
+            qemus.len(),
+            qemus_before + 1,
+            "one QEMU for the pod's sandbox and two containers: {qemus:#?}"
+        );
+    }
+    let host_boot = host_boot_id();
+    let boot = t.boot_id(&server).await;
+    assert_eq!(
+        t.boot_id(&client).await,
+        boot,
+        "the pod's containers run on one kernel"
+    );
+    t.assert_kernel(&boot, &host_boot, "the pod");
+
+    let hostname = pod.config.hostname.clone();
+    for c in [&server, &client] {
+        assert_eq!(
+            t.cri.sh(c, "hostname").await.trim(),
+            hostname,
+            "the pod's hostname in {c}"
+        );
+    }
+    // Without shareProcessNamespace each container has its own PID namespace.
+    let ps = t.cri.sh(&client, "ps").await;
+    assert!(
+        !ps.contains("httpd"),
+        "the client does not see the server's processes: {ps}"
+    );
+
+    t.wait_served_in_pod(&client).await;
+    let ip = t.pod_ip(&pod).await;
+    println!(
+        "{}: pod {} at {ip}, boot_id {boot} (the host's {host_boot})",
+        t.runtime.handler(),
+        pod.id
+    );
+    wait_served_at(&format!("{ip}:8080")).await;
+
+    // The memory limit is the container's cgroup limit (cgroup v2 in the guest, v1 here).
+    let cgroup_file = match t.runtime {
+        Runtime::Runc => "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        Runtime::Spinbox => "/sys/fs/cgroup/memory.max",
+    };
+    assert_eq!(
+        t.cri
+            .sh(&client, &format!("cat {cgroup_file}"))
+            .await
+            .trim(),
+        limit.to_string(),
+        "the client's memory limit in {cgroup_file}"
+    );
+
+    // The container's output is in its CRI log (`<time> stdout F <line>`).
+    let log = t.log_dir(&pod).join("client.log");
+    eventually(
+        "the client's output in its CRI log",
+        Duration::from_secs(10),
+        || {
+            let log = log.clone();
+            async move {
+                let text =
+                    std::fs::read_to_string(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+                text.lines()
+                    .any(|l| l.ends_with(" stdout F client up"))
+                    .then_some(())
+                    .ok_or(text)
+            }
+        },
+    )
+    .await;
+
+    let out = t
+        .cri
+        .exec(&client, &["sh", "-c", "echo hi; echo oops >&2; exit 3"], 30)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (
+            out.exit_code,
+            String::from_utf8_lossy(&out.stdout).as_ref(),
+            String::from_utf8_lossy(&out.stderr).as_ref()
+        ),
+        (3, "hi\n", "oops\n"),
+        "ExecSync's exit code, stdout and stderr"
+    );
+
+    let stats = t
+        .cri
+        .container_stats(&server)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let working_set = stats
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value)
+        .unwrap_or(0);
+    assert!(
+        working_set > 0,
+        "ContainerStats reports the server's memory working set: {stats:?}"
+    );
+
+    // A second pod is a second kernel under spinbox (and the host's under runc).
+    let other = t.run_pod("pair-other", false).await;
+    let sleeper = t
+        .run_container(&other, "sleeper", "exec sleep 3600", false, None)
+        .await;
+    let other_boot = t.boot_id(&sleeper).await;
+    t.assert_kernel(&other_boot, &host_boot, "the second pod");
+    if t.runtime == Runtime::Spinbox {
+        assert_ne!(other_boot, boot, "the second pod runs in a VM of its own");
+        let qemus = t.qemus();
+        assert_eq!(
+            qemus.len(),
+            qemus_before + 2,
+            "one QEMU per pod: {qemus:#?}"
+        );
+    }
+
+    t.remove_pod(other, &[]).await;
+    // The first pod is untouched by the second's removal.
+    assert_eq!(t.boot_id(&client).await, boot);
+    t.remove_pod(pod, &[]).await;
+    t.assert_all_clean("after the test").await;
+}
+
+/// A container created after the pod has served a while joins the same kernel and network;
+/// stopping and removing it leaves its sibling serving.
+async fn a_late_container_joins_and_a_removed_one_leaves_its_sibling(mut t: PodTest) {
+    let qemus_before = t.qemus().len();
+    let pod = t.run_pod("late", false).await;
+    let server = t.run_container(&pod, "server", SERVER, false, None).await;
+    let ip = t.pod_ip(&pod).await;
+    let addr = format!("{ip}:8080");
+    wait_served_at(&addr).await;
+    let boot = t.boot_id(&server).await;
+
+    let late = t
+        .run_container(&pod, "late", "exec sleep 3600", false, None)
+        .await;
+    assert_eq!(
+        t.boot_id(&late).await,
+        boot,
+        "the late container joins the pod's kernel"
+    );
+    t.wait_served_in_pod(&late).await;
+    if t.runtime == Runtime::Spinbox {
+        assert_eq!(
+            t.qemus().len(),
+            qemus_before + 1,
+            "still one QEMU for the pod"
+        );
+    }
+
+    t.cri
+        .stop_container(&late, 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    t.cri
+        .remove_container(&late)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let left: Vec<String> = t
+        .cri
+        .list_containers(&pod.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![server.clone()],
+        "only the server is left in the pod"
+    );
+    let left = processes_in_cgroups_of(&[late.as_str()]);
+    assert!(
+        left.is_empty(),
+        "the removed container's processes are gone: {left:#?}"
+    );
+    wait_served_at(&addr).await;
+    assert_eq!(
+        t.cri.sh(&server, "echo alive").await,
+        "alive\n",
+        "the sibling still runs commands"
+    );
+    assert_eq!(t.boot_id(&server).await, boot, "on the same kernel");
+    if t.runtime == Runtime::Spinbox {
+        assert_eq!(t.qemus().len(), qemus_before + 1, "the pod's QEMU lives on");
+    }
+    t.remove_pod(pod, &[&late]).await;
+    t.assert_all_clean("after the test").await;
+}
+
+/// With shareProcessNamespace (PID namespace mode POD) the pause process is PID 1 and each
+/// container sees its siblings' processes.
+async fn shared_process_namespace_shows_the_siblings(mut t: PodTest) {
+    let pod = t.run_pod("sharedpid", true).await;
+    let _sleeper = t
+        .run_container(&pod, "sleeper", "exec sleep 7777", true, None)
+        .await;
+    let looker = t
+        .run_container(&pod, "looker", "exec sleep 3600", true, None)
+        .await;
+    let ps = t.cri.sh(&looker, "ps -o pid,args").await;
+    assert!(
+        ps.contains("sleep 7777"),
+        "the sibling's process is visible: {ps}"
+    );
+    assert_eq!(
+        t.cri
+            .sh(&looker, "tr '\\0' ' ' </proc/1/cmdline")
+            .await
+            .trim(),
+        "/pause",
+        "PID 1 of the pod's PID namespace is the sandbox's pause"
+    );
+    t.remove_pod(pod, &[]).await;
+    t.assert_all_clean("after the test").await;
+}
+
+/// StopPodSandbox stops the containers and releases the pod's network (and VM); after
+/// RemovePodSandbox nothing of the pod is left.
+async fn stop_and_remove_leave_nothing(mut t: PodTest) {
+    let qemus_before = t.qemus().len();
+    let pod = t.run_pod("stoprm", false).await;
+    let sleeper = t
+        .run_container(&pod, "sleeper", "exec sleep 3600", false, None)
+        .await;
+    let netns = pod
+        .netns_path(&mut t.cri)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("the pod has a network namespace of its own");
+    assert!(
+        netns.exists(),
+        "{} exists while the pod runs",
+        netns.display()
+    );
+    if t.runtime == Runtime::Runc {
+        // What proves below that runc's containers are gone finds them while they run.
+        let running = processes_in_cgroups_of(&[pod.id.as_str(), sleeper.as_str()]);
+        assert_eq!(
+            running.len(),
+            2,
+            "pause and sleep in their cgroups: {running:#?}"
+        );
+    }
+    let ip = t.pod_ip(&pod).await;
+    assert!(
+        t.ip_allocated(&ip),
+        "{ip} is allocated in {}",
+        t.env.ipam_dir.display()
+    );
+
+    t.cri
+        .stop_pod(&pod.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = t
+        .cri
+        .pod_status(&pod.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .status
+        .unwrap_or_default();
+    assert_eq!(
+        status.state,
+        api::PodSandboxState::SandboxNotready as i32,
+        "a stopped pod is not ready: {status:?}"
+    );
+    let containers = t
+        .cri
+        .list_containers(&pod.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        containers
+            .iter()
+            .all(|c| c.state == api::ContainerState::ContainerExited as i32),
+        "the pod's containers exited: {containers:?}"
+    );
+    assert!(
+        !netns.exists(),
+        "{} is gone after StopPodSandbox",
+        netns.display()
+    );
+    assert!(!t.ip_allocated(&ip), "{ip} is released by StopPodSandbox");
+    // A stopped pod may wait long for its removal: it must not hold a VM meanwhile.
+    eventually(
+        "the pod's QEMU and shim gone after StopPodSandbox",
+        Duration::from_secs(30),
+        || {
+            let left: Vec<String> = t
+                .qemus()
+                .into_iter()
+                .skip(qemus_before)
+                .chain(shims_of(&pod.id, &t.env.address))
+                .collect();
+            async move { left.is_empty().then_some(()).ok_or(format!("{left:#?}")) }
+        },
+    )
+    .await;
+    assert!(
+        processes_in_cgroups_of(&[pod.id.as_str(), sleeper.as_str()]).is_empty(),
+        "the pod's processes are gone after StopPodSandbox"
+    );
+
+    t.remove_pod(pod, &[]).await;
+    t.assert_all_clean("after the test").await;
+}
+
+/// kill -9 of a pod's shim: containerd's cleanup plus StopPodSandbox and RemovePodSandbox
+/// leave nothing (the VM dies with its shim), and the same pod config runs again.
+async fn a_killed_shim_is_cleaned_up_and_the_pod_runs_again(mut t: PodTest) {
+    let qemus_before = t.qemus().len();
+    let pod = t.run_pod("shimkill", false).await;
+    let sleeper = t
+        .run_container(&pod, "sleeper", "exec sleep 3600", false, None)
+        .await;
+    let netns = pod
+        .netns_path(&mut t.cri)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let shims = shims_of(&pod.id, &t.env.address);
+    assert_eq!(shims.len(), 1, "one shim serves the pod: {shims:#?}");
+    let pid: i32 = shims[0]
+        .split(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the shim's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the shim");
+
+    let address = t.env.address.clone();
+    eventually(
+        "the shim gone, and its VM with it",
+        Duration::from_secs(30),
+        || {
+            let left: Vec<String> = t
+                .qemus()
+                .into_iter()
+                .skip(qemus_before)
+                .chain(shims_of(&pod.id, &address))
+                .collect();
+            async move { left.is_empty().then_some(()).ok_or(format!("{left:#?}")) }
+        },
+    )
+    .await;
+    let config = pod.config.clone();
+    t.remove_pod_known(pod, &[sleeper.as_str()], netns).await;
+    t.assert_all_clean("after the killed shim's pod was removed")
+        .await;
+
+    // The same pod (name, uid, attempt) runs again at once.
+    let pod = t
+        .cri
+        .run_pod(config, t.runtime.handler())
+        .await
+        .unwrap_or_else(|e| panic!("the same pod again: {e}"));
+    let sleeper = t
+        .run_container(&pod, "sleeper", "exec sleep 3600", false, None)
+        .await;
+    assert_eq!(t.cri.sh(&sleeper, "echo again").await, "again\n");
+    t.remove_pod(pod, &[]).await;
+    t.assert_all_clean("after the test").await;
+}
+
+impl PodTest {
+    /// The pod's log directory (created with the pod).
+    fn log_dir(&self, pod: &Pod) -> PathBuf {
+        PathBuf::from(&pod.config.log_directory)
+    }
+
+    /// Runs a pod named `<name>-<handler>` (its hostname too).
+    async fn run_pod(&mut self, name: &str, share_pid: bool) -> Pod {
+        let name = format!("{name}-{}", self.runtime.handler());
+        let log_dir = self.logs.path().join(&name);
+        std::fs::create_dir_all(&log_dir).expect("the pod's log directory");
+        let config = cri::pod_config(&name, &name, &log_dir, share_pid);
+        self.cri
+            .run_pod(config, self.runtime.handler())
+            .await
+            .unwrap_or_else(|e| panic!("pod {name}: {e}"))
+    }
+
+    /// Creates and starts a busybox container running `sh -c script` in `pod`.
+    async fn run_container(
+        &mut self,
+        pod: &Pod,
+        name: &str,
+        script: &str,
+        share_pid: bool,
+        memory_limit: Option<i64>,
+    ) -> String {
+        let config = cri::container_config(name, script, share_pid, memory_limit);
+        self.cri
+            .run_container(pod, config)
+            .await
+            .unwrap_or_else(|e| panic!("container {name} in pod {}: {e}", pod.id))
+    }
+
+    /// The kernel's boot id as container `id` reads it.
+    async fn boot_id(&mut self, id: &str) -> String {
+        let boot = self.cri.sh(id, "cat /proc/sys/kernel/random/boot_id").await;
+        boot.trim().to_string()
+    }
+
+    /// A pod's kernel: the host's under runc, a guest's under spinbox.
+    fn assert_kernel(&self, boot: &str, host_boot: &str, what: &str) {
+        match self.runtime {
+            Runtime::Runc => assert_eq!(boot, host_boot, "{what} runs on the host's kernel"),
+            Runtime::Spinbox => assert_ne!(boot, host_boot, "{what} runs on a guest kernel"),
+        }
+    }
+
+    /// The pod's IP from PodSandboxStatus, checked to be on the suite's CRI network.
+    async fn pod_ip(&mut self, pod: &Pod) -> String {
+        let ip = self
+            .cri
+            .pod_ip(&pod.id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            ip.starts_with("10.87.251."),
+            "the pod's IP {ip:?} is on the suite's CRI network 10.87.251.0/24"
+        );
+        ip
+    }
+
+    /// Waits until the pod's server answers container `id` on 127.0.0.1.
+    async fn wait_served_in_pod(&mut self, id: &str) {
+        let cri = self.cri.clone();
+        eventually(
+            &format!("the server answers {id} on 127.0.0.1:8080"),
+            SERVE_WITHIN,
+            || {
+                let mut cri = cri.clone();
+                async move {
+                    let out = cri
+                        .exec(id, &["wget", "-q", "-O-", "http://127.0.0.1:8080/"], 10)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let body = String::from_utf8_lossy(&out.stdout);
+                    (out.exit_code == 0 && body.contains(GREETING))
+                        .then_some(())
+                        .ok_or_else(|| {
+                            format!(
+                                "exit {}: {body} {}",
+                                out.exit_code,
+                                String::from_utf8_lossy(&out.stderr)
+                            )
+                        })
+                }
+            },
+        )
+        .await
+    }
+
+    /// Whether the suite's CRI network has `ip` allocated (host-local keeps a file per IP).
+    fn ip_allocated(&self, ip: &str) -> bool {
+        std::fs::read_dir(&self.env.ipam_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|net| net.path().join(ip).exists())
+    }
+
+    /// QEMU processes of the suite's spinbox (their command lines name its state root).
+    fn qemus(&self) -> Vec<String> {
+        spinbox_tests::processes_mentioning(&self.env.spinbox_root.display().to_string())
+            .into_iter()
+            .filter(|p| p.contains("qemu-system"))
+            .collect()
+    }
+
+    /// Stops and removes `pod`, then checks that nothing of it is left (`removed` names
+    /// containers of it already removed, for the process and mount checks).
+    async fn remove_pod(&mut self, pod: Pod, removed: &[&str]) {
+        let netns = pod
+            .netns_path(&mut self.cri)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.remove_pod_known(pod, removed, netns).await
+    }
+
+    /// [`Self::remove_pod`] with the pod's network namespace path learnt earlier.
+    async fn remove_pod_known(&mut self, pod: Pod, removed: &[&str], netns: Option<PathBuf>) {
+        let id = pod.id.clone();
+        let mut ids: Vec<String> = self
+            .cri
+            .list_containers(&id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        ids.extend(removed.iter().map(|s| s.to_string()));
+        ids.push(id.clone());
+        pod.stop_and_remove(&mut self.cri)
+            .await
+            .unwrap_or_else(|e| panic!("pod {id}: {e}"));
+        self.assert_pod_gone(&id, &ids, netns.as_deref()).await;
+    }
+
+    /// Nothing of pod `id` (and its containers `ids`) is left.
+    async fn assert_pod_gone(&mut self, id: &str, ids: &[String], netns: Option<&Path>) {
+        let pods = self
+            .cri
+            .list_pods(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(pods.is_empty(), "CRI still lists pod {id}: {pods:?}");
+        let containers = self
+            .cri
+            .list_containers(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            containers.is_empty(),
+            "CRI still lists containers of pod {id}: {containers:?}"
+        );
+        if let Some(netns) = netns {
+            assert!(
+                !netns.exists(),
+                "the pod's network namespace {} is left",
+                netns.display()
+            );
+        }
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let address = self.env.address.clone();
+        // Shims exit shortly after the last task is deleted.
+        eventually(
+            &format!("the processes of pod {id} gone"),
+            Duration::from_secs(30),
+            || {
+                let mut left = spinbox_tests::processes_mentioning(id);
+                left.extend(shims_of(id, &address));
+                left.extend(processes_in_cgroups_of(&ids));
+                async move { left.is_empty().then_some(()).ok_or(format!("{left:#?}")) }
+            },
+        )
+        .await;
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let left: Vec<&str> = mounts
+            .lines()
+            .filter(|l| ids.iter().any(|i| l.contains(i)))
+            .collect();
+        assert!(left.is_empty(), "mounts of pod {id} left: {left:#?}");
+    }
+
+    /// Nothing of any pod is left: no pod known to CRI, no IP of the CRI network allocated,
+    /// and nothing of spinbox's (VM processes, state, logs, container data, network state).
+    async fn assert_all_clean(&mut self, when: &str) {
+        let pods = self
+            .cri
+            .list_pods("")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(pods.is_empty(), "{when}: CRI lists pods: {pods:#?}");
+        spinbox_tests::assert_no_network_leaks(&self.env.ipam_dir);
+        let address = self.env.address.display().to_string();
+        let ctr = spinbox_tests::ctr::Ctr {
+            containerd_dir: self
+                .env
+                .address
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_default(),
+            address,
+            spinbox_root: self.env.spinbox_root.clone(),
+        };
+        ctr.assert_clean();
+        spinbox_tests::assert_no_leaks(&self.env.spinbox_root);
+    }
+}
+
+/// The host's boot id.
+fn host_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .expect("the host's boot_id")
+        .trim()
+        .to_string()
+}
+
+/// Shim processes (any runtime's) serving sandbox or container `id` for this containerd.
+fn shims_of(id: &str, address: &Path) -> Vec<String> {
+    let address = address.display().to_string();
+    spinbox_tests::processes_mentioning(&format!("-id {id} "))
+        .into_iter()
+        .filter(|p| p.contains("containerd-shim") && p.contains(&address))
+        .collect()
+}
+
+/// Host processes in a cgroup named after any of `ids` (runc puts each container in
+/// `/<container id>` of every hierarchy).
+fn processes_in_cgroups_of(ids: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cgroups) = std::fs::read_to_string(e.path().join("cgroup")) else {
+            continue;
+        };
+        if ids.iter().any(|id| cgroups.contains(id)) {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            found.push(format!(
+                "{name}: {}",
+                String::from_utf8_lossy(&cmd).replace('\0', " ").trim()
+            ));
+        }
+    }
+    found
+}
+
+/// Waits until the pod's server answers the host at `addr`.
+async fn wait_served_at(addr: &str) {
+    eventually(
+        &format!("the server answers the host at {addr}"),
+        SERVE_WITHIN,
+        || http_get(addr),
+    )
+    .await;
+}
+
+/// `GET /` from `addr`, which must answer with the server's greeting within 5 s.
+async fn http_get(addr: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&body).into_owned())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), get).await {
+        Ok(Ok(body)) if body.contains(GREETING) => Ok(()),
+        Ok(Ok(body)) => Err(format!("answered {body:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer in 5 s".into()),
+    }
+}
