@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use spinbox_tests::ctr::{Ctr, IMAGE, RUNTIME};
 
+mod pod;
+
 const RUNC: &str = "io.containerd.runc.v2";
 
 /// Samples of one measurement.
@@ -533,6 +535,9 @@ fn main() {
         ratio: format!("{:.2}", first.median() / cached.median()),
         target: String::new(),
     });
+
+    // Pods, through containerd's CRI plugin.
+    rows.extend(pod::rows(&ctr, runs.min(3), scratch.path()));
 
     // The table.
     println!();
