@@ -473,6 +473,35 @@ async fn a_killed_shim_is_cleaned_up_and_the_pod_runs_again(mut t: PodTest) {
         },
     )
     .await;
+    // containerd learns of the exits from the dead shim's cleanup; CRI may need a retry of
+    // its own to take them in (1.7 and 2.x ask the closed shim first). kubelet waits for the
+    // containers to show exited before it removes the pod: so does the test.
+    let cri = t.cri.clone();
+    let pod_id = pod.id.clone();
+    eventually(
+        "the pod's containers exited in CRI's view",
+        Duration::from_secs(60),
+        || {
+            let mut cri = cri.clone();
+            let pod_id = pod_id.clone();
+            async move {
+                let listed = cri
+                    .list_containers(&pod_id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let running: Vec<String> = listed
+                    .iter()
+                    .filter(|c| c.state != api::ContainerState::ContainerExited as i32)
+                    .map(|c| format!("{} state {}", c.id, c.state))
+                    .collect();
+                running
+                    .is_empty()
+                    .then_some(())
+                    .ok_or(format!("{running:?}"))
+            }
+        },
+    )
+    .await;
     let config = pod.config.clone();
     t.remove_pod_known(pod, &[sleeper.as_str()], netns).await;
     t.assert_all_clean("after the killed shim's pod was removed")
