@@ -158,6 +158,33 @@ fn rss_pss(pid: u32) -> (u64, u64) {
     (field("Rss:"), field("Pss:"))
 }
 
+/// The processes serving container (or pod) `id`: its shim, and QEMU and the vsock backend
+/// as its state directory records them.
+fn vm_processes(ctr: &Ctr, id: &str) -> Vec<(&'static str, u32)> {
+    let shim = spinbox_tests::processes_mentioning(&format!("-id {id} "))
+        .into_iter()
+        .filter(|p| p.contains(&ctr.address) && !p.contains(" delete"))
+        .find_map(|p| {
+            p.split(':')
+                .next()
+                .and_then(|pid| pid.trim().parse::<u32>().ok())
+        });
+    let record: serde_json::Value =
+        std::fs::read(ctr.spinbox_root.join("state").join(id).join("vm.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+    let pid_of = |key: &str| record[key]["pid"].as_u64().map(|p| p as u32);
+    [
+        ("shim", shim),
+        ("QEMU", pid_of("qemu")),
+        ("vhost-device-vsock", pid_of("vsock_backend")),
+    ]
+    .into_iter()
+    .filter_map(|(name, pid)| pid.map(|pid| (name, pid)))
+    .collect()
+}
+
 /// The shim's `create timeline` lines in containerd's log, by container id: step → ms; a
 /// `first output` line adds `first_output` (ms from the create's start to the first byte).
 fn timelines(log: &Path) -> HashMap<String, Vec<(String, u64)>> {
@@ -404,30 +431,10 @@ fn main() {
     let id = "bench-mem";
     run_detached(&ctr, RUNTIME, id, &["sleep", "600"]);
     std::thread::sleep(Duration::from_secs(3));
-    let shim = spinbox_tests::processes_mentioning(&format!("-id {id} "))
-        .into_iter()
-        .filter(|p| p.contains(&ctr.address) && !p.contains(" delete"))
-        .find_map(|p| {
-            p.split(':')
-                .next()
-                .and_then(|pid| pid.trim().parse::<u32>().ok())
-        });
-    let record: serde_json::Value =
-        std::fs::read(ctr.spinbox_root.join("state").join(id).join("vm.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-    let pid_of = |key: &str| record[key]["pid"].as_u64().map(|p| p as u32);
     let mut mem = Vec::new();
-    for (name, pid) in [
-        ("shim", shim),
-        ("QEMU", pid_of("qemu")),
-        ("vhost-device-vsock", pid_of("vsock_backend")),
-    ] {
-        if let Some(pid) = pid {
-            let (rss, pss) = rss_pss(pid);
-            mem.push((name, rss, pss));
-        }
+    for (name, pid) in vm_processes(&ctr, id) {
+        let (rss, pss) = rss_pss(pid);
+        mem.push((name, rss, pss));
     }
     remove(&ctr, id);
     let total_rss: u64 = mem.iter().map(|m| m.1).sum();
@@ -537,7 +544,7 @@ fn main() {
     });
 
     // Pods, through containerd's CRI plugin.
-    rows.extend(pod::rows(&ctr, runs.min(3), scratch.path()));
+    rows.extend(pod::rows(&ctr, &config, runs.min(3), scratch.path()));
 
     // The table.
     println!();

@@ -9,21 +9,59 @@ use std::time::{Duration, Instant};
 use spinbox_tests::cri::{self, Cri, CriEnv};
 use spinbox_tests::ctr::{Ctr, RUNTIME};
 
-use super::{ms, remove, rss_pss, run_detached, Row, Samples};
+use super::{ms, remove, rss_pss, run_detached, vm_processes, Row, Samples};
 
 const HANDLERS: [&str; 2] = ["spinbox", "runc"];
 
 /// The pod rows; none when the suite's containerd has no CRI plugin.
-pub fn rows(ctr: &Ctr, runs: usize, scratch: &Path) -> Vec<Row> {
-    let Some(env) = CriEnv::from_env() else {
-        return Vec::new();
-    };
+pub fn rows(ctr: &Ctr, config: &spinbox_config::Config, runs: usize, scratch: &Path) -> Vec<Row> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    rt.block_on(measure(ctr, &env, runs, scratch))
+    let mut rows = vec![rt.block_on(root_ports(config, runs, scratch))];
+    if let Some(env) = CriEnv::from_env() {
+        rows.extend(rt.block_on(measure(ctr, &env, runs, scratch)));
+    }
+    rows
+}
+
+/// What the root ports a pod's VM reserves for hotplug cost its boot: QEMU spawn to agent
+/// ready with `vm.hotplug_slots` ports and with none, alternated.
+async fn root_ports(config: &spinbox_config::Config, runs: usize, scratch: &Path) -> Row {
+    let slots = config.vm.hotplug_slots;
+    eprintln!("bench: boot with {slots} hotplug root ports vs none x{runs}");
+    let mut config = config.clone();
+    config.paths.state_dir = scratch.join("ports-state");
+    config.paths.log_dir = scratch.join("ports-log");
+    let host = spinbox_vmm::accel::HostCaps::probe();
+    let mut with: Samples = Default::default();
+    let mut without: Samples = Default::default();
+    for round in 0..runs {
+        for (ports, samples) in [(slots, &mut with), (0, &mut without)] {
+            let options = spinbox_vmm::VmOptions {
+                hotplug_ports: ports,
+                ..Default::default()
+            };
+            let id = format!("bench-ports{round}-{ports}");
+            let vm = spinbox_vmm::Vm::start_with(&id, &config, &options, &host)
+                .await
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            samples.push(vm.boot_info().host_spawn_to_ready_ms as f64);
+            vm.shutdown().await;
+            let errors = vm.release().await;
+            assert!(errors.is_empty(), "{id}: {errors:?}");
+        }
+    }
+    Row {
+        what: format!("VM boot (QEMU spawn → agent ready), {slots} hotplug root ports vs none"),
+        spinbox: with.show("ms"),
+        runc: String::new(),
+        other: format!("none {}", without.show("ms")),
+        ratio: format!("{:.2}", with.median() / without.median()),
+        target: String::new(),
+    }
 }
 
 /// Samples by handler, in `HANDLERS` order.
@@ -134,24 +172,8 @@ async fn measure(ctr: &Ctr, env: &CriEnv, runs: usize, scratch: &Path) -> Vec<Ro
 
 /// PSS (KiB) of the shim holding `id` and the VM processes its state directory records.
 fn vm_pss(ctr: &Ctr, id: &str) -> u64 {
-    let shim = spinbox_tests::processes_mentioning(&format!("-id {id} "))
+    vm_processes(ctr, id)
         .into_iter()
-        .filter(|p| p.contains(&ctr.address) && !p.contains(" delete"))
-        .find_map(|p| {
-            p.split(':')
-                .next()
-                .and_then(|pid| pid.trim().parse::<u32>().ok())
-        });
-    let record: serde_json::Value =
-        std::fs::read(ctr.spinbox_root.join("state").join(id).join("vm.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-    let recorded = ["qemu", "vsock_backend"]
-        .into_iter()
-        .filter_map(|key| record[key]["pid"].as_u64().map(|p| p as u32));
-    shim.into_iter()
-        .chain(recorded)
-        .map(|pid| rss_pss(pid).1)
+        .map(|(_, pid)| rss_pss(pid).1)
         .sum()
 }
