@@ -8,6 +8,7 @@
 # from /usr/lib/cni, and the sandbox image SPINBOX_CRI_SANDBOX_IMAGE (default
 # docker.io/library/spinbox-pause:latest, tests/image/build-pause-image.sh), which must be
 # imported into the k8s.io namespace (there is no registry to pull it from).
+# SPINBOX_CRI_TIGHT_CONFIG: a spinbox config for a third handler, `spinbox-tight`.
 # SPINBOX_CONTAINERD_BIN_DIR: a folder with the containerd, ctr and containerd-shim-runc-v2 to
 # use (another version, tests/fetch-containerd.sh); default: those on PATH. containerd 2.x
 # takes this version 2 config and migrates it (one warning in its log).
@@ -46,6 +47,13 @@ TOML
   [[ -n "$spinbox_config" ]] && cat <<TOML
 [$cri.containerd.runtimes.spinbox.options]
   ConfigPath = "$spinbox_config"
+TOML
+  # A second spinbox handler with a config of its own (tests: a pod VM with one hotplug slot).
+  [[ -n "${SPINBOX_CRI_TIGHT_CONFIG:-}" ]] && cat <<TOML
+[$cri.containerd.runtimes.spinbox-tight]
+  runtime_type = "io.containerd.spinbox.v2"
+[$cri.containerd.runtimes.spinbox-tight.options]
+  ConfigPath = "$SPINBOX_CRI_TIGHT_CONFIG"
 TOML
   return 0
 }

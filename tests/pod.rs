@@ -99,6 +99,72 @@ per_runtime!(
     a_killed_shim_is_cleaned_up_and_the_pod_runs_again,
 );
 
+/// A container that needs more hot-plugged disks than the pod's VM has root ports is refused
+/// naming `vm.hotplug_slots` (handler `spinbox-tight`: one slot; a busybox container needs two,
+/// its upper layer and its image layer), leaves nothing of itself, and the pod runs on.
+#[test]
+fn a_container_past_the_hotplug_slots_is_refused_naming_the_key() {
+    run(Runtime::Spinbox, |mut t: PodTest| async move {
+        let name = "tight";
+        let log_dir = t.logs.path().join(name);
+        std::fs::create_dir_all(&log_dir).expect("the pod's log directory");
+        let pod = t
+            .cri
+            .run_pod(
+                cri::pod_config(name, name, &log_dir, false),
+                "spinbox-tight",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("pod {name}: {e}"));
+        let refused = t
+            .cri
+            .run_container(
+                &pod,
+                cri::container_config("big", "exec sleep 3600", false, None),
+            )
+            .await
+            .expect_err("a container needing two hotplug slots of one");
+        let message = refused.to_string();
+        assert!(
+            message.contains("vm.hotplug_slots"),
+            "the refusal names the key: {message}"
+        );
+        let members = t
+            .env
+            .spinbox_root
+            .join("data/containers")
+            .join(&pod.id)
+            .join("members");
+        let left: Vec<_> = std::fs::read_dir(&members)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "the refused container left {left:?}");
+        let hotplug: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                t.env
+                    .spinbox_root
+                    .join("state")
+                    .join(&pod.id)
+                    .join("hotplug.json"),
+            )
+            .expect("the pod's hotplug record"),
+        )
+        .expect("JSON");
+        assert_eq!(hotplug, serde_json::json!([]), "no disk stays plugged");
+        // The pod's VM runs on: the pause container is still up.
+        let status = t
+            .cri
+            .pod_status(&pod.id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .status
+            .unwrap_or_default();
+        assert_eq!(status.state, api::PodSandboxState::SandboxReady as i32);
+        t.remove_pod(pod, &[]).await;
+        t.assert_all_clean("after the test").await;
+    });
+}
+
 /// Two containers of one pod share its kernel (one VM for spinbox), hostname and network
 /// namespace (a server in one answers the other on 127.0.0.1 and the host on the pod IP);
 /// each gets its memory limit, its CRI log, ExecSync and stats. A second pod is another

@@ -111,7 +111,10 @@ cat >"$root/cri/net.d/10-spinbox-cri-test.conflist" <<JSON
   ]
 }
 JSON
-address=$(SPINBOX_CRI_CNI_CONF_DIR=$root/cri/net.d \
+# The same config with one hotplug slot, for the CRI handler `spinbox-tight` (tests/pod.rs).
+sed 's/^  "network": {$/  "vm": { "hotplug_slots": 1 },\n  "network": {/' "$root/spinbox.json" >"$root/spinbox-tight.json"
+grep -q '"hotplug_slots": 1' "$root/spinbox-tight.json"
+address=$(SPINBOX_CRI_CNI_CONF_DIR=$root/cri/net.d SPINBOX_CRI_TIGHT_CONFIG=$root/spinbox-tight.json \
   bash deploy/private-containerd.sh start "$root/containerd" "$PWD/target/$profile_dir" "$root/spinbox.json")
 bash tests/image/build-busybox-image.sh "$root/busybox.tar" >/dev/null
 bash tests/image/build-pause-image.sh "$root/pause.tar" >/dev/null

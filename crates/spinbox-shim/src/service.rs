@@ -255,8 +255,14 @@ impl Task for TaskService {
         let joining = sandbox.is_some();
         let config = match &sandbox {
             Some(s) => {
-                if sh.lifecycle.get() != State::Running {
-                    return Err(lifecycle_err(&id, LifecycleError::ShutdownInProgress));
+                let refused = match sh.lifecycle.get() {
+                    State::Running => None,
+                    State::Deleting => Some(LifecycleError::DeletionInProgress),
+                    State::ShuttingDown => Some(LifecycleError::ShutdownInProgress),
+                    _ => Some(LifecycleError::VmNotRunning),
+                };
+                if let Some(e) = refused {
+                    return Err(lifecycle_err(&id, e));
                 }
                 s.config().clone()
             }
