@@ -36,12 +36,14 @@ smoke=(
 # version on a 2-core TCG machine (the nine: ~60 s a version, see the summary's tests column).
 # Kubernetes pods through the CRI plugin of that version (1.7 calls the shim's start for
 # every container of a pod, 2.x reuses the sandbox's shim): one VM per pod, a container that
-# joins later and leaves, teardown and a killed shim, each with the leak check.
+# joins later and leaves, teardown and a killed shim, the VM sized by the pod's resources
+# (the sandbox annotations of that version), each with the leak check.
 pods=(
   pod:two_containers_share_one_pod::spinbox
   pod:a_late_container_joins_and_a_removed_one_leaves_its_sibling::spinbox
   pod:stop_and_remove_leave_nothing::spinbox
   pod:a_killed_shim_is_cleaned_up_and_the_pod_runs_again::spinbox
+  pod:a_pods_vm_is_sized_by_the_pods_resources
 )
 tests_trixie="${smoke[*]} ${pods[*]}"
 tests_sid="${smoke[*]} ${pods[*]}"

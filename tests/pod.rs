@@ -99,6 +99,52 @@ per_runtime!(
     a_killed_shim_is_cleaned_up_and_the_pod_runs_again,
 );
 
+/// A pod's VM is sized by the pod's resources as kubelet passes them (PodSandboxConfig
+/// linux.resources, which containerd hands on as the sandbox-memory / -cpu-quota / -cpu-period
+/// annotations): 1 GiB and 2 CPUs give a guest of 2 vCPUs and at least 1 GiB, where the
+/// suite's default is 1 vCPU and 512 MiB.
+#[test]
+fn a_pods_vm_is_sized_by_the_pods_resources() {
+    run(Runtime::Spinbox, |mut t: PodTest| async move {
+        let name = "sized";
+        let log_dir = t.logs.path().join(name);
+        std::fs::create_dir_all(&log_dir).expect("the pod's log directory");
+        let mut config = cri::pod_config(name, name, &log_dir, false);
+        if let Some(linux) = config.linux.as_mut() {
+            linux.resources = Some(api::LinuxContainerResources {
+                memory_limit_in_bytes: 1 << 30,
+                cpu_quota: 200_000,
+                cpu_period: 100_000,
+                ..Default::default()
+            });
+        }
+        let pod = t
+            .cri
+            .run_pod(config, "spinbox")
+            .await
+            .unwrap_or_else(|e| panic!("pod {name}: {e}"));
+        let c = t
+            .run_container(&pod, "probe", "exec sleep 3600", false, None)
+            .await;
+        let cpus = t.cri.sh(&c, "grep -c ^processor /proc/cpuinfo").await;
+        assert_eq!(cpus.trim(), "2", "the guest's vCPUs");
+        let mem_kib: u64 = t
+            .cri
+            .sh(&c, "awk '/^MemTotal/ {print $2}' /proc/meminfo")
+            .await
+            .trim()
+            .parse()
+            .expect("MemTotal in KiB");
+        // The guest kernel keeps some for itself: what it reports is below the VM's RAM.
+        assert!(
+            mem_kib > 1024 * 1024 && mem_kib < 1600 * 1024,
+            "MemTotal of a 1 GiB pod's VM (1 GiB + vm.pod_memory_overhead_mib): {mem_kib} KiB"
+        );
+        t.remove_pod(pod, &[]).await;
+        t.assert_all_clean("after the test").await;
+    });
+}
+
 /// A container that needs more hot-plugged disks than the pod's VM has root ports is refused
 /// naming `vm.hotplug_slots` (handler `spinbox-tight`: one slot; a busybox container needs two,
 /// its upper layer and its image layer), leaves nothing of itself, and the pod runs on.
