@@ -94,11 +94,10 @@ impl Shim for SpinboxShim {
                         .and_then(|n| n.to_str())
                         .is_some_and(|n| spinbox_vmm::state::validate_id(n).is_ok())
             });
-        let live = match &recorded {
-            Some(dir) => reclaim::live_owner(dir).await,
-            None => None,
-        };
-        let mut errors = reclaim::reclaim(&config, &self.id, recorded).await;
+        let reclaim::Reclaimed {
+            mut errors,
+            live_owner: live,
+        } = reclaim::reclaim(&config, &self.id, recorded).await;
         // The dead shim's socket (a member's names its pod's shim, which may live on).
         if let (None, Ok(address)) = (live, tokio::fs::read_to_string(ADDRESS_FILE).await) {
             let path = address.trim().trim_start_matches("unix://");

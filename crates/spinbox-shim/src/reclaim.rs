@@ -13,17 +13,31 @@ use crate::container::work_dir;
 /// by start time, files, the data directories of the pod's containers), then the state
 /// directory. `dir` is the state directory the shim recorded in the bundle (a member's names
 /// its sandbox's), or `<paths.state_dir>/<id>`. Idempotent.
-pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Vec<String> {
+/// What [`reclaim`] found: the errors of what it could not release, or the pid of the live
+/// shim that still owns the pod (then nothing was touched).
+#[derive(Debug, Default)]
+pub struct Reclaimed {
+    pub errors: Vec<String>,
+    pub live_owner: Option<u32>,
+}
+
+pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Reclaimed {
     let mut errors = Vec::new();
     if spinbox_vmm::state::validate_id(id).is_err() {
-        return vec![format!("refusing to reclaim invalid id {id:?}")];
+        return Reclaimed {
+            errors: vec![format!("refusing to reclaim invalid id {id:?}")],
+            live_owner: None,
+        };
     }
     let dir = dir.unwrap_or_else(|| config.paths.state_dir.join(id));
     if let Some(owner) = live_owner(&dir).await {
         // containerd runs `shim delete` for a pod's member whose task it deleted too (when it
         // lets go of the member's connection): the pod's shim lives and keeps its VM.
         tracing::info!(id, owner, dir = %dir.display(), "the pod's shim is alive: nothing to reclaim");
-        return Vec::new();
+        return Reclaimed {
+            errors: Vec::new(),
+            live_owner: Some(owner),
+        };
     }
     match spinbox_vmm::state::reclaim_contents(&dir).await {
         Ok(killed) if !killed.is_empty() => {
@@ -51,11 +65,14 @@ pub async fn reclaim(config: &Config, id: &str, dir: Option<PathBuf>) -> Vec<Str
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => errors.push(format!("removing {}: {e}", work.display())),
     }
-    errors
+    Reclaimed {
+        errors,
+        live_owner: None,
+    }
 }
 
 /// The pid of the live shim that owns the record in `dir`, if any (pid and start time match).
-pub async fn live_owner(dir: &std::path::Path) -> Option<u32> {
+async fn live_owner(dir: &std::path::Path) -> Option<u32> {
     let dir = dir.to_owned();
     let record = tokio::task::spawn_blocking(move || spinbox_vmm::state::read_record(&dir))
         .await

@@ -18,17 +18,14 @@ mod timeline;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use spinbox_agent_api::agent::{FileCopy, ProcessRequest, Share, SignalProcessRequest};
-use spinbox_agent_api::agent_ttrpc::AgentClient;
 use spinbox_config::Config;
 use spinbox_storage::{GuestRootfs, MountSpec, PreparedRootfs};
 use spinbox_vmm::state::StateDir;
-use spinbox_vmm::vsock::VsockTransport;
 use tokio::sync::watch;
 
 pub use self::bundle::PodRole;
@@ -105,12 +102,9 @@ pub struct Container {
     /// The pod's VM; `owns_sandbox`: this container booted it (and tears it down).
     sandbox: Arc<Sandbox>,
     owns_sandbox: bool,
-    agent: AgentClient,
-    transport: VsockTransport,
     namespace: String,
     execs: tokio::sync::Mutex<HashMap<String, Arc<Exec>>>,
     paused: AtomicBool,
-    vm_exit: watch::Receiver<Option<ExitStatus>>,
     pumps: Arc<tokio::sync::Mutex<StdioPumps>>,
     rootfs: PreparedRootfs,
     work_dir: PathBuf,
@@ -138,9 +132,6 @@ impl Container {
             bundle: parts.opts.bundle,
             stdio: parts.opts.stdio,
             pid,
-            agent: sandbox.agent().clone(),
-            transport: sandbox.transport().clone(),
-            vm_exit: sandbox.exit_watch(),
             sandbox,
             owns_sandbox: parts.owns_sandbox,
             namespace: parts.opts.namespace,
@@ -227,7 +218,8 @@ impl Container {
                 }
             })?;
         let resp = self
-            .agent
+            .sandbox
+            .agent()
             .start_process(ctx(self.config.timeouts.vm_start), &process(&self.id))
             .await
             .map_err(|e| agent_err("StartProcess", e));
@@ -248,10 +240,11 @@ impl Container {
         self.set_status(Status::Running);
         tracing::info!(id = %self.id, pid = resp.pid, "process started");
         let me = Arc::clone(self);
-        let mut vm_exit = self.vm_exit.clone();
+        let mut vm_exit = self.sandbox.exit_watch();
         tokio::spawn(async move {
             let waited = async {
-                me.agent
+                me.sandbox
+                    .agent()
                     .wait_process(ttrpc::context::Context::default(), &process(&me.id))
                     .await
             };
@@ -288,7 +281,7 @@ impl Container {
     }
 
     pub async fn kill(&self, signal: u32, all: bool) -> Result<(), ContainerError> {
-        if self.status() == Status::Stopped || self.vm_exit.borrow().is_some() {
+        if self.status() == Status::Stopped || !self.sandbox.vm_alive() {
             return Err(self.not_running());
         }
         let req = SignalProcessRequest {
@@ -297,7 +290,8 @@ impl Container {
             all,
             ..Default::default()
         };
-        self.agent
+        self.sandbox
+            .agent()
             .signal_process(ctx(self.config.timeouts.qmp_command), &req)
             .await
             .map(|_| ())
@@ -308,7 +302,8 @@ impl Container {
         if self.status() == Status::Stopped {
             return Ok(Vec::new());
         }
-        self.agent
+        self.sandbox
+            .agent()
             .list_pids(ctx(self.config.timeouts.qmp_command), &process(&self.id))
             .await
             .map(|r| r.pids)
@@ -324,7 +319,8 @@ impl Container {
         if self.status() == Status::Stopped {
             return Ok(());
         }
-        self.agent
+        self.sandbox
+            .agent()
             .close_stdin(ctx(self.config.timeouts.qmp_command), &process(&self.id))
             .await
             .map(|_| ())
@@ -332,7 +328,7 @@ impl Container {
     }
 
     fn running_vm(&self) -> Result<(), ContainerError> {
-        if self.vm_exit.borrow().is_some() || self.tearing_down.load(Ordering::Acquire) {
+        if !self.sandbox.vm_alive() || self.tearing_down.load(Ordering::Acquire) {
             return Err(self.not_running());
         }
         Ok(())
@@ -363,8 +359,8 @@ impl Container {
         }
         let t = &self.config.timeouts;
         let exec = Exec::create(
-            self.agent.clone(),
-            &self.transport,
+            self.sandbox.agent().clone(),
+            self.sandbox.transport(),
             &self.id,
             exec_id,
             process_json,
@@ -395,7 +391,7 @@ impl Container {
                 "exec {exec_id:?} is running; kill it first"
             )));
         }
-        if self.vm_exit.borrow().is_none() {
+        if self.sandbox.vm_alive() {
             exec.remove().await?;
         } else {
             exec.abort().await;
@@ -407,7 +403,8 @@ impl Container {
     /// `ctr task metrics`: the guest's cgroup v2 figures for the container.
     pub async fn stats(&self) -> Result<HashMap<String, String>, ContainerError> {
         self.running_vm()?;
-        self.agent
+        self.sandbox
+            .agent()
             .stats_container(ctx(self.config.timeouts.qmp_command), &process(&self.id))
             .await
             .map(|r| r.files)
@@ -425,9 +422,9 @@ impl Container {
         let ctx = ctx(self.config.timeouts.qmp_command * 2);
         let req = process(&self.id);
         if frozen {
-            self.agent.pause_container(ctx, &req).await
+            self.sandbox.agent().pause_container(ctx, &req).await
         } else {
-            self.agent.resume_container(ctx, &req).await
+            self.sandbox.agent().resume_container(ctx, &req).await
         }
         .map_err(|e| {
             let rpc = if frozen {
@@ -449,7 +446,8 @@ impl Container {
             resources: resources_json,
             ..Default::default()
         };
-        self.agent
+        self.sandbox
+            .agent()
             .update_container(ctx(self.config.timeouts.qmp_command), &req)
             .await
             .map(|_| ())
@@ -465,7 +463,8 @@ impl Container {
             height,
             ..Default::default()
         };
-        self.agent
+        self.sandbox
+            .agent()
             .resize_pty(ctx(self.config.timeouts.qmp_command), &req)
             .await
             .map(|_| ())
@@ -515,7 +514,8 @@ impl Container {
             let mut errors = Vec::new();
             if vm_alive {
                 if let Err(e) = self
-                    .agent
+                    .sandbox
+                    .agent()
                     .remove_container(ctx(self.config.timeouts.shutdown_grace), &process(&self.id))
                     .await
                 {
