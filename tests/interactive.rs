@@ -608,6 +608,18 @@ async fn tty_shell_echoes_input_and_follows_resizes() {
         assert!(Instant::now() < deadline, "ix-tty still listed after exit");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // `ctr run --rm` removes the container after the task: killing its terminal before that
+    // would leave the container behind.
+    while String::from_utf8_lossy(&ctr.run(&["containers", "ls", "-q"], None).stdout)
+        .lines()
+        .any(|l| l.trim() == "ix-tty")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "ix-tty's container still there after exit"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(tmux);
     ctr.assert_clean();
 }
