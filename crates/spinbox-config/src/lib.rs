@@ -50,6 +50,25 @@ pub struct Config {
     pub vm: VmDefaults,
     pub timeouts: Timeouts,
     pub network: Network,
+    pub storage: Storage,
+}
+
+/// The host-side image store under `paths.data_dir`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Upper bound on the EROFS layer cache (`data_dir/layers`): past it, the least recently
+    /// used layers that no running VM has open are evicted. `0`: no bound (entries are still
+    /// collected once their source snapshot is gone).
+    pub layer_cache_max_mib: u64,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            layer_cache_max_mib: 4096,
+        }
+    }
 }
 
 /// How a container gets its network (see docs/NETWORKING.md).
@@ -88,6 +107,8 @@ pub struct Network {
     /// Containers spinbox networks through CNI do not reach each other over the bridge (they
     /// still reach the gateway and, through it, the rest).
     pub isolate: bool,
+    /// Host ports below 1024 may be published (the publish annotation); false refuses them.
+    pub publish_privileged_ports: bool,
 }
 
 impl Default for Network {
@@ -102,6 +123,7 @@ impl Default for Network {
             lock_file: "/run/spinbox/network.lock".into(),
             nft: "/usr/sbin/nft".into(),
             isolate: false,
+            publish_privileged_ports: false,
         }
     }
 }
@@ -179,6 +201,9 @@ pub struct VmDefaults {
     /// Memory a pod's VM gets on top of what CRI says its containers may use (the sandbox's
     /// `io.kubernetes.cri.sandbox-memory`): the guest kernel, the agent, page cache.
     pub pod_memory_overhead_mib: u32,
+    /// Bound on the guest serial console log on the host: `<id>.console.log` plus its one
+    /// rotated predecessor `<id>.console.log.1` together stay below it (each half of it).
+    pub console_log_max_kib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +236,13 @@ pub struct Timeouts {
     /// Bound on one `nft` execution.
     #[serde(with = "duration")]
     pub nft: Duration,
+    /// How long a SIGKILL may go unconfirmed by the guest (the process's exit not reported)
+    /// before the shim takes the VM down through the shutdown ladder and reports exit 137.
+    #[serde(with = "duration")]
+    pub kill: Duration,
+    /// Bound on every agent call that has no narrower one (create, start, exec, remove).
+    #[serde(with = "duration")]
+    pub agent_call: Duration,
 }
 
 impl Default for Paths {
@@ -242,6 +274,7 @@ impl Default for VmDefaults {
             output_ports: true,
             hotplug_slots: 16,
             pod_memory_overhead_mib: 128,
+            console_log_max_kib: 1024,
         }
     }
 }
@@ -258,6 +291,8 @@ impl Default for Timeouts {
             qmp_command: Duration::from_secs(3),
             cni_plugin: Duration::from_secs(10),
             nft: Duration::from_secs(5),
+            kill: Duration::from_secs(5),
+            agent_call: Duration::from_secs(30),
         }
     }
 }
@@ -345,6 +380,12 @@ impl Config {
                 ),
             ));
         }
+        if vm.console_log_max_kib < 16 {
+            return Err((
+                "vm.console_log_max_kib",
+                format!("{} KiB is below the 16 KiB minimum", vm.console_log_max_kib),
+            ));
+        }
         let net = &self.network;
         if net.cni_ifname.is_empty()
             || net.cni_ifname.len() > 15
@@ -390,6 +431,8 @@ impl Config {
             ("timeouts.task_client_retry", t.task_client_retry),
             ("timeouts.io_wait", t.io_wait),
             ("timeouts.qmp_command", t.qmp_command),
+            ("timeouts.kill", t.kill),
+            ("timeouts.agent_call", t.agent_call),
         ] {
             if value.is_zero() {
                 return Err((key, "must be greater than zero".into()));
