@@ -5,10 +5,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use spinbox_agent_api::agent::{HealthRequest, HealthResponse, PrepareShutdownRequest};
+use spinbox_agent_api::agent::{HealthRequest, HealthResponse};
 use spinbox_agent_api::agent_ttrpc::AgentClient;
 use spinbox_agent_api::{output_port_name, StdioStream, MAX_SHARES};
 use spinbox_config::Config;
@@ -21,6 +21,15 @@ use crate::qmp::{Qmp, QmpError};
 use crate::sockdir::SocketDir;
 use crate::state::{self, StateDir};
 use crate::vsock::{self, VsockTransport};
+
+mod backend;
+mod shutdown;
+
+use self::backend::{
+    share_file_names, start_virtiofsd, start_vsock_backend, stop_backend, Backend,
+};
+
+pub use self::shutdown::{ShutdownEvent, ShutdownReport, ShutdownStep};
 
 /// Guest CID on the vhost-user path: each VM has its own backend, so the CID is private to it.
 const HYBRID_GUEST_CID: u32 = 3;
@@ -117,56 +126,6 @@ pub struct BootInfo {
     pub accel: &'static str,
     pub vsock: &'static str,
     pub qemu_version: String,
-}
-
-/// One step of the shutdown ladder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ShutdownStep {
-    /// QEMU had already exited when the shutdown began (VM death): nothing to climb.
-    AlreadyExited,
-    AgentPrepare,
-    CtrlAltDel,
-    AcpiPowerdown,
-    QmpQuit,
-    Sigkill,
-}
-
-/// A timestamped event of a shutdown, in order.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum ShutdownEvent {
-    ShutdownInitiated {
-        at_ms: u64,
-        graceful: bool,
-    },
-    ShutdownEscalation {
-        at_ms: u64,
-        step: ShutdownStep,
-        reason: String,
-        waited_ms: u64,
-    },
-    ShutdownComplete {
-        at_ms: u64,
-        graceful: bool,
-        last_step: ShutdownStep,
-        duration_ms: u64,
-    },
-}
-
-/// How a shutdown went: the events in order, and whether it needed force. Written as
-/// `shutdown.json` in the state directory at every event (so a crash mid-shutdown leaves how
-/// far it got), and logged one line per event.
-#[derive(Debug, Clone, Serialize)]
-pub struct ShutdownReport {
-    pub vm_id: String,
-    /// Wall-clock start, milliseconds since the Unix epoch; events' `at_ms` count from here.
-    pub started_unix_ms: u64,
-    pub events: Vec<ShutdownEvent>,
-    /// Whether it finished (false only while the ladder is still climbing).
-    pub complete: bool,
-    pub graceful: bool,
-    pub duration_ms: u64,
 }
 
 /// A disk to attach at boot.
@@ -282,36 +241,6 @@ async fn forget_vm_files(state: &StateDir, console_log: &Path) -> Vec<String> {
     errors
 }
 
-struct Backend {
-    what: &'static str,
-    record: ProcessRecord,
-    exit: watch::Receiver<Option<ExitStatus>>,
-    stderr_log: PathBuf,
-}
-
-/// The state directory's files of share `index`: virtiofsd's socket and its stderr.
-fn share_file_names(index: usize) -> [String; 2] {
-    [
-        format!("fs{index}.sock"),
-        format!("virtiofsd{index}.stderr"),
-    ]
-}
-
-/// Stops a helper process: SIGTERM, SIGKILL after 2 s. Returns an error line if it lives on.
-async fn stop_backend(b: &mut Backend) -> Option<String> {
-    let _ = b.record.signal(nix::sys::signal::Signal::SIGTERM);
-    if tokio::time::timeout(Duration::from_secs(2), b.exit.wait_for(|s| s.is_some()))
-        .await
-        .is_err()
-    {
-        kill_and_wait(&b.record, &mut b.exit).await;
-    }
-    if b.exit.borrow().is_none() {
-        return Some(format!("{} pid {} did not exit", b.what, b.record.pid));
-    }
-    None
-}
-
 /// Resources acquired so far during start, released in reverse on failure.
 #[derive(Default)]
 struct Partial {
@@ -407,19 +336,6 @@ fn console_suffix(path: &Path) -> String {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-impl ShutdownStep {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ShutdownStep::AlreadyExited => "already-exited",
-            ShutdownStep::AgentPrepare => "agent-prepare",
-            ShutdownStep::CtrlAltDel => "ctrl-alt-del",
-            ShutdownStep::AcpiPowerdown => "acpi-powerdown",
-            ShutdownStep::QmpQuit => "qmp-quit",
-            ShutdownStep::Sigkill => "sigkill",
-        }
-    }
 }
 
 /// The machine every spinbox VM is: QEMU basics, machine and accelerator, CPU, memory, kernel
@@ -1104,142 +1020,6 @@ impl Vm {
         self.qemu_exit.borrow().is_some()
     }
 
-    /// Shuts the VM down along the ladder — agent prepare (sync, unmount) → ctrl-alt-del →
-    /// ACPI power button → QMP quit → SIGKILL. The agent and each power-off step are given
-    /// `timeouts.shutdown_grace`, QMP commands `timeouts.qmp_command`. Each event is logged
-    /// (one line, stable field names) and the report rewritten as `shutdown.json` in the state
-    /// directory. A second call, concurrent or later, waits for the first and returns its
-    /// report. Host resources stay until [`Vm::release`].
-    pub async fn shutdown(&self) -> ShutdownReport {
-        self.shutdown
-            .get_or_init(|| self.climb_ladder())
-            .await
-            .clone()
-    }
-
-    /// Whether a shutdown finished (or QEMU exited by itself).
-    pub fn is_stopped(&self) -> bool {
-        self.qemu_gone()
-    }
-
-    async fn climb_ladder(&self) -> ShutdownReport {
-        let started = Instant::now();
-        let grace = self.config.timeouts.shutdown_grace;
-        let qmp_wait = self.config.timeouts.qmp_command;
-        let mut ladder = Ladder {
-            vm: self,
-            started,
-            report: ShutdownReport {
-                vm_id: self.id.clone(),
-                started_unix_ms: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(ms)
-                    .unwrap_or(0),
-                events: Vec::new(),
-                complete: false,
-                graceful: true,
-                duration_ms: 0,
-            },
-        };
-        if self.qemu_gone() {
-            // VM death: QEMU exited on its own; nothing to ask, nothing to kill.
-            ladder.report.graceful = false;
-            ladder
-                .push(ShutdownEvent::ShutdownInitiated {
-                    at_ms: 0,
-                    graceful: false,
-                })
-                .await;
-            return ladder.complete(ShutdownStep::AlreadyExited).await;
-        }
-        ladder
-            .push(ShutdownEvent::ShutdownInitiated {
-                at_ms: 0,
-                graceful: true,
-            })
-            .await;
-
-        // 1. Agent: sync and unmount. Success does not power off by itself; it makes the
-        //    power-off that follows lose nothing.
-        let step_start = Instant::now();
-        let ctx = ttrpc::context::with_timeout(ms(grace) as i64 * 1_000_000);
-        let request = PrepareShutdownRequest::new();
-        let prepared = tokio::select! {
-            r = self.agent.prepare_shutdown(ctx, &request) => r.map(|_| ()).map_err(|e| e.to_string()),
-            _ = exited(self.qemu_exit.clone()) => Ok(()),
-        };
-        if let Err(e) = prepared {
-            ladder
-                .escalate(
-                    ShutdownStep::AgentPrepare,
-                    format!("agent prepare failed: {e}"),
-                    step_start,
-                )
-                .await;
-        }
-
-        // 2..3. ctrl-alt-del, then the ACPI power button, each given `grace` to power off.
-        let graceful_steps: [(ShutdownStep, &str, Option<serde_json::Value>); 2] = [
-            (
-                ShutdownStep::CtrlAltDel,
-                "send-key",
-                Some(serde_json::json!({"keys": [
-                    {"type": "qcode", "data": "ctrl"},
-                    {"type": "qcode", "data": "alt"},
-                    {"type": "qcode", "data": "delete"}
-                ]})),
-            ),
-            (ShutdownStep::AcpiPowerdown, "system_powerdown", None),
-        ];
-        for (step, command, args) in graceful_steps {
-            if self.qemu_gone() {
-                return ladder.complete(step).await;
-            }
-            let step_start = Instant::now();
-            let reason = match self.qmp.execute(command, args).await {
-                Ok(_) => {
-                    if self.wait_qemu_exit(grace).await {
-                        return ladder.complete(step).await;
-                    }
-                    format!(
-                        "guest still running {grace:?} after {command} (timeouts.shutdown_grace)"
-                    )
-                }
-                Err(e) => format!("{command} failed: {e}"),
-            };
-            if self.qemu_gone() {
-                return ladder.complete(step).await;
-            }
-            ladder.escalate(step, reason, step_start).await;
-        }
-
-        // 4. QMP quit: QEMU stops at once, the guest gets no say.
-        ladder.report.graceful = false;
-        let step_start = Instant::now();
-        let reason = match self.qmp.execute("quit", None).await {
-            Ok(_) | Err(QmpError::Disconnected { .. }) => {
-                if self.wait_qemu_exit(qmp_wait).await {
-                    return ladder.complete(ShutdownStep::QmpQuit).await;
-                }
-                format!("QEMU still running {qmp_wait:?} after quit (timeouts.qmp_command)")
-            }
-            Err(e) => format!("quit failed: {e}"),
-        };
-        if self.qemu_gone() {
-            return ladder.complete(ShutdownStep::QmpQuit).await;
-        }
-        ladder
-            .escalate(ShutdownStep::QmpQuit, reason, step_start)
-            .await;
-
-        // 5. SIGKILL (works on a stopped process too).
-        let _ = self.qemu.signal(nix::sys::signal::Signal::SIGKILL);
-        if !self.wait_qemu_exit(Duration::from_secs(5)).await {
-            tracing::error!(vm = %self.id, pid = self.qemu.pid, "QEMU survived SIGKILL for 5s");
-        }
-        ladder.complete(ShutdownStep::Sigkill).await
-    }
-
     /// Releases the host side once the VM is down (shutting it down first if nobody did): stops
     /// the vsock backend, removes the console log and the VM's files — the whole state
     /// directory when the VM created it. Returns what could not be released.
@@ -1268,91 +1048,6 @@ impl Vm {
             errors.extend(forget_vm_files(&self.state, &self.console_log).await);
         }
         errors
-    }
-}
-
-/// The shutdown in progress: its report, written and logged at every event.
-struct Ladder<'a> {
-    vm: &'a Vm,
-    started: Instant,
-    report: ShutdownReport,
-}
-
-impl Ladder<'_> {
-    async fn push(&mut self, event: ShutdownEvent) {
-        log_shutdown_event(&self.vm.id, &event);
-        self.report.events.push(event);
-        self.report.duration_ms = ms(self.started.elapsed());
-        let dir = self.vm.state.path().to_owned();
-        let report = self.report.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            state::write_json(&dir, state::SHUTDOWN_RECORD_FILE, &report)
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(vm = %self.vm.id, error = %e, "writing the shutdown record")
-            }
-            Err(e) => tracing::warn!(vm = %self.vm.id, error = %e, "writing the shutdown record"),
-        }
-    }
-
-    async fn escalate(&mut self, step: ShutdownStep, reason: String, step_start: Instant) {
-        let event = ShutdownEvent::ShutdownEscalation {
-            at_ms: ms(self.started.elapsed()),
-            step,
-            reason,
-            waited_ms: ms(step_start.elapsed()),
-        };
-        self.push(event).await;
-    }
-
-    async fn complete(mut self, last_step: ShutdownStep) -> ShutdownReport {
-        let duration = ms(self.started.elapsed());
-        let graceful = self.report.graceful;
-        self.report.complete = true;
-        self.push(ShutdownEvent::ShutdownComplete {
-            at_ms: duration,
-            graceful,
-            last_step,
-            duration_ms: duration,
-        })
-        .await;
-        self.report
-    }
-}
-
-/// One log line per shutdown event, with stable field names (`vm_id`, `event`, `graceful`,
-/// `step`, `reason`, `waited_ms`, `last_step`, `duration_ms`, `at_ms`). Under the shim these
-/// reach containerd's log as `key="value"` pairs.
-fn log_shutdown_event(vm_id: &str, event: &ShutdownEvent) {
-    match event {
-        ShutdownEvent::ShutdownInitiated { at_ms, graceful } => log::info!(
-            vm_id, event = "shutdown_initiated", graceful = *graceful, at_ms = *at_ms;
-            "VM {vm_id}: shutdown initiated (graceful={graceful})"
-        ),
-        ShutdownEvent::ShutdownEscalation {
-            at_ms,
-            step,
-            reason,
-            waited_ms,
-        } => log::warn!(
-            vm_id, event = "shutdown_escalation", step = step.as_str(), reason = reason.as_str(),
-            waited_ms = *waited_ms, at_ms = *at_ms;
-            "VM {vm_id}: shutdown escalates past {} after {waited_ms} ms: {reason}", step.as_str()
-        ),
-        ShutdownEvent::ShutdownComplete {
-            at_ms,
-            graceful,
-            last_step,
-            duration_ms,
-        } => log::info!(
-            vm_id, event = "shutdown_complete", graceful = *graceful,
-            last_step = last_step.as_str(), duration_ms = *duration_ms, at_ms = *at_ms;
-            "VM {vm_id}: shutdown complete ({}) at {} after {duration_ms} ms",
-            if *graceful { "graceful" } else { "forced" }, last_step.as_str()
-        ),
     }
 }
 
@@ -1429,188 +1124,8 @@ async fn health_once(
     }
 }
 
-async fn start_vsock_backend(
-    config: &Config,
-    sockets: &SocketDir,
-) -> Result<Backend, (VmError, Option<Backend>)> {
-    let cid = HYBRID_GUEST_CID.to_string();
-    let backend_sock = sockets.for_child("vhost-vsock.sock");
-    let vsock_uds = sockets.for_child("vsock.sock");
-    let args: Vec<&std::ffi::OsStr> = vec![
-        "--guest-cid".as_ref(),
-        cid.as_ref(),
-        "--socket".as_ref(),
-        backend_sock.as_os_str(),
-        "--uds-path".as_ref(),
-        vsock_uds.as_os_str(),
-    ];
-    start_backend(
-        "vhost-device-vsock",
-        &config.paths.vhost_device_vsock,
-        &args,
-        sockets.full("vhost-device-vsock.stderr"),
-        sockets,
-        &sockets.full("vhost-vsock.sock"),
-        config.timeouts.device_detection,
-    )
-    .await
-}
-
-/// virtiofsd serving `source` on `socket`. Its own sandbox (mount, pid and net namespaces,
-/// pivot_root into `source`) keeps the guest's requests inside the shared directory.
-async fn start_virtiofsd(
-    config: &Config,
-    source: &Path,
-    sockets: &SocketDir,
-    socket_name: &str,
-    stderr_log: PathBuf,
-) -> Result<Backend, (VmError, Option<Backend>)> {
-    let mut socket_arg = std::ffi::OsString::from("--socket-path=");
-    socket_arg.push(sockets.for_child(socket_name));
-    let mut source_arg = std::ffi::OsString::from("source=");
-    source_arg.push(fuse_opt_escape(source.as_os_str()));
-    let args: Vec<&std::ffi::OsStr> = vec![
-        socket_arg.as_ref(),
-        "-o".as_ref(),
-        source_arg.as_ref(),
-        "-o".as_ref(),
-        "cache=auto".as_ref(),
-        "-o".as_ref(),
-        "sandbox=namespace".as_ref(),
-        // No device nodes or file capabilities in the host directory, whatever the guest
-        // kernel asks for.
-        "-o".as_ref(),
-        "modcaps=-mknod:-setfcap".as_ref(),
-        "-o".as_ref(),
-        "log_level=warn".as_ref(),
-    ];
-    start_backend(
-        "virtiofsd",
-        &config.paths.virtiofsd,
-        &args,
-        stderr_log,
-        sockets,
-        &sockets.full(socket_name),
-        config.timeouts.device_detection,
-    )
-    .await
-}
-
-/// `value` escaped for a libfuse `-o` option value (virtiofsd's): `\` and `,` get a
-/// backslash, so a path cannot end the option or start another.
-fn fuse_opt_escape(value: &std::ffi::OsStr) -> std::ffi::OsString {
-    use std::os::unix::ffi::OsStringExt as _;
-    let mut out = Vec::with_capacity(value.len());
-    for &b in value.as_encoded_bytes() {
-        if b == b'\\' || b == b',' {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
-    std::ffi::OsString::from_vec(out)
-}
-
-/// Spawns a vhost-user backend and waits (at most `limit`) for its socket: that is when
-/// QEMU can connect.
-async fn start_backend(
-    what: &'static str,
-    program: &Path,
-    args: &[&std::ffi::OsStr],
-    stderr_log: PathBuf,
-    sockets: &SocketDir,
-    socket: &Path,
-    limit: Duration,
-) -> Result<Backend, (VmError, Option<Backend>)> {
-    let stderr_file = tokio::fs::File::create(&stderr_log)
-        .await
-        .map_err(|source| {
-            (
-                VmError::StateDir {
-                    path: stderr_log.clone(),
-                    source,
-                },
-                None,
-            )
-        })?
-        .into_std()
-        .await;
-    let child = process::command(program, args, Vec::new())
-        .current_dir(sockets.dir())
-        .stdout(std::process::Stdio::null())
-        .stderr(stderr_file)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .map_err(|source| {
-            (
-                VmError::Spawn {
-                    what,
-                    program: program.to_owned(),
-                    source,
-                },
-                None,
-            )
-        })?;
-    let pid = child.id().unwrap_or(0);
-    let record = ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 });
-    let exit = watch_exit(child);
-    let mut backend = Backend {
-        what,
-        record,
-        exit,
-        stderr_log,
-    };
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if tokio::fs::try_exists(socket).await.unwrap_or(false) {
-            return Ok(backend);
-        }
-        if backend.exit.borrow().is_some() {
-            let status = backend
-                .exit
-                .borrow()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            let stderr = tail(&backend.stderr_log, 10);
-            return Err((
-                VmError::BackendExited {
-                    what,
-                    status,
-                    stderr,
-                },
-                Some(backend),
-            ));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err((
-                VmError::BackendTimeout {
-                    what,
-                    path: socket.to_owned(),
-                    after: limit,
-                },
-                Some(backend),
-            ));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            _ = backend.exit.changed() => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn fuse_option_values_are_escaped() {
-        assert_eq!(
-            fuse_opt_escape(std::ffi::OsStr::new("/srv/a,b\\c")),
-            std::ffi::OsString::from("/srv/a\\,b\\\\c")
-        );
-        assert_eq!(
-            fuse_opt_escape(std::ffi::OsStr::new("/plain/dir")),
-            std::ffi::OsString::from("/plain/dir")
-        );
-    }
 
     use super::*;
 
