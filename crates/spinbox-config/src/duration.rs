@@ -51,10 +51,13 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// Formats a duration in the same notation `parse` accepts.
+/// Formats a duration (to the millisecond) in the same notation `parse` accepts.
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis();
-    if !ms.is_multiple_of(1000) {
+    if ms > u128::from(u64::MAX) {
+        // Beyond what one number may hold (`parse` takes u64s): seconds and milliseconds.
+        format!("{}s{}ms", d.as_secs(), d.subsec_millis())
+    } else if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
     } else if !ms.is_multiple_of(60_000) || ms == 0 {
         format!("{}s", ms / 1000)

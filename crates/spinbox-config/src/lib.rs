@@ -25,6 +25,11 @@ use serde::{Deserialize, Serialize};
 pub const CONFIG_ENV: &str = "SPINBOX_CONFIG";
 /// Where the installed config lives.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/spinbox/config.json";
+/// Largest config file read (the shipped one is ~2 KiB); a bigger one is refused unread.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Longest any `timeouts.*` value may be: past a day a bound is no bound, and deadlines
+/// computed from it (`now + timeout`) stay far from overflowing.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// A config error: which file, which key, what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -315,10 +320,21 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read;
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(read_err)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {MAX_CONFIG_BYTES} bytes"),
+            )));
+        }
         Config::from_json(&text, &path.display().to_string())
     }
 
@@ -431,11 +447,19 @@ impl Config {
             ("timeouts.task_client_retry", t.task_client_retry),
             ("timeouts.io_wait", t.io_wait),
             ("timeouts.qmp_command", t.qmp_command),
+            ("timeouts.cni_plugin", t.cni_plugin),
+            ("timeouts.nft", t.nft),
             ("timeouts.kill", t.kill),
             ("timeouts.agent_call", t.agent_call),
         ] {
             if value.is_zero() {
                 return Err((key, "must be greater than zero".into()));
+            }
+            if value > MAX_TIMEOUT {
+                return Err((
+                    key,
+                    format!("{} is above the 24h maximum", duration::format(value)),
+                ));
             }
         }
         let p = &self.paths;

@@ -12,9 +12,46 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::NetError;
+
+/// Most a plugin's stdout (its result or error JSON) may hold; a result is a few KiB.
+pub const MAX_PLUGIN_STDOUT: usize = 1 << 20;
+/// How much of a plugin's stderr is kept for the error message; the rest is read and dropped.
+pub const MAX_PLUGIN_STDERR: usize = 16 << 10;
+/// Most a conflist file may hold.
+pub const MAX_CONFLIST: usize = 1 << 20;
+
+/// What [`read_capped`] read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Capped {
+    /// The first `max` bytes at most.
+    pub bytes: Vec<u8>,
+    /// More than `max` bytes came.
+    pub over: bool,
+}
+
+/// Reads `r` to its end keeping at most `max` bytes. With `drain`, what comes past `max` is
+/// read and dropped (so a writer is never blocked on a full pipe); without, reading stops at
+/// the first byte past `max`.
+pub(crate) async fn read_capped<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    drain: bool,
+) -> std::io::Result<Capped> {
+    let mut bytes = Vec::new();
+    (&mut *r)
+        .take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await?;
+    let over = bytes.len() > max;
+    bytes.truncate(max);
+    if over && drain {
+        tokio::io::copy(r, &mut tokio::io::sink()).await?;
+    }
+    Ok(Capped { bytes, over })
+}
 
 /// A parsed conflist: name, version and the plugins' configurations, in order.
 #[derive(Debug, Clone)]
@@ -27,11 +64,20 @@ pub struct ConfList {
 
 impl ConfList {
     pub async fn load(path: &Path) -> Result<ConfList, NetError> {
-        let bytes = tokio::fs::read(path).await.map_err(|e| NetError::Cni {
+        let fail = |reason: String| NetError::Cni {
             what: format!("reading conflist {}", path.display()),
-            reason: e.to_string(),
-        })?;
-        Self::parse(path, &bytes)
+            reason,
+        };
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let read = read_capped(&mut file, MAX_CONFLIST, false)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if read.over {
+            return Err(fail(format!("larger than {MAX_CONFLIST} bytes")));
+        }
+        Self::parse(path, &read.bytes)
     }
 
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<ConfList, NetError> {
@@ -204,21 +250,55 @@ impl Invoker {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| fail(format!("spawning {}: {e}", plugin.display())))?;
-        if let Some(mut input) = child.stdin.take() {
-            input
-                .write_all(&stdin)
-                .await
-                .map_err(|e| fail(format!("writing the config: {e}")))?;
-        }
-        let out = tokio::time::timeout(self.timeout, child.wait_with_output())
+        let (Some(mut input), Some(mut stdout), Some(mut stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(fail("the plugin's pipes were not set up".into()));
+        };
+        // Its output is read as it comes, bounded: a plugin writing without end is cut off at
+        // MAX_PLUGIN_STDOUT (and killed on drop), its stderr is kept to MAX_PLUGIN_STDERR.
+        let run = async {
+            let feed = async {
+                input
+                    .write_all(&stdin)
+                    .await
+                    .map_err(|e| fail(format!("writing the config: {e}")))?;
+                drop(input);
+                Ok::<_, NetError>(())
+            };
+            let out = async {
+                let read = read_capped(&mut stdout, MAX_PLUGIN_STDOUT, false)
+                    .await
+                    .map_err(|e| fail(format!("reading its output: {e}")))?;
+                if read.over {
+                    return Err(fail(format!(
+                        "its output is larger than {MAX_PLUGIN_STDOUT} bytes"
+                    )));
+                }
+                Ok(read.bytes)
+            };
+            let err = async {
+                read_capped(&mut stderr, MAX_PLUGIN_STDERR, true)
+                    .await
+                    .map(|r| r.bytes)
+                    .map_err(|e| fail(format!("reading its stderr: {e}")))
+            };
+            let ((), stdout, stderr) = tokio::try_join!(feed, out, err)?;
+            let status = child.wait().await.map_err(|e| fail(e.to_string()))?;
+            Ok::<_, NetError>(std::process::Output {
+                status,
+                stdout,
+                stderr,
+            })
+        };
+        let out = tokio::time::timeout(self.timeout, run)
             .await
             .map_err(|_| {
                 fail(format!(
                     "no answer within timeouts.cni_plugin ({:?})",
                     self.timeout
                 ))
-            })?
-            .map_err(|e| fail(e.to_string()))?;
+            })??;
         if !out.status.success() {
             let reason = match serde_json::from_slice::<CniErrorReply>(&out.stdout) {
                 Ok(e) if !e.msg.is_empty() => {
@@ -416,3 +496,6 @@ mod tests {
         assert_eq!(r.routes[0].dst.prefix_len(), 0);
     }
 }
+
+#[cfg(test)]
+mod proptests;

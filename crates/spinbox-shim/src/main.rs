@@ -14,6 +14,7 @@ mod exec;
 mod lifecycle;
 mod metrics;
 mod reclaim;
+mod runtime_options;
 mod sandbox;
 mod service;
 mod stdio;

@@ -469,49 +469,8 @@ impl AsyncRead for FifoIn {
     }
 }
 
-/// Where containerd wants a process's output: a fifo or file path (`file://` or bare), or a
-/// `binary://` logger that spinbox starts and feeds through pipes, as containerd's runc shim does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutputTarget {
-    Path(PathBuf),
-    Binary {
-        program: PathBuf,
-        args: Vec<(String, String)>,
-    },
-}
-
-/// Parses a stdout/stderr value from containerd.
-pub fn parse_output(uri: &str) -> io::Result<OutputTarget> {
-    if let Some(rest) = uri.strip_prefix("binary://") {
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        if path.is_empty() || !path.starts_with('/') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("binary logger {uri:?}: the path must be absolute"),
-            ));
-        }
-        let args = query
-            .split('&')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                (k.to_owned(), v.to_owned())
-            })
-            .collect();
-        return Ok(OutputTarget::Binary {
-            program: PathBuf::from(path),
-            args,
-        });
-    }
-    let path = uri.strip_prefix("file://").unwrap_or(uri);
-    if !path.starts_with('/') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("stdio target {uri:?} is neither an absolute path, file:// nor binary://"),
-        ));
-    }
-    Ok(OutputTarget::Path(PathBuf::from(path)))
-}
+mod uri;
+pub use uri::{parse_output, OutputTarget};
 
 /// Starts a `binary://` logger: its fd 3 reads stdout, fd 4 stderr, and it closes fd 5 once it
 /// is ready. Returns the write ends for stdout and stderr.
@@ -776,30 +735,6 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("without its byte count"), "{err}");
         drop(port_agent);
-    }
-
-    #[test]
-    fn parses_containerd_output_targets() {
-        assert_eq!(
-            parse_output("/run/containerd/fifo/1-stdout").unwrap(),
-            OutputTarget::Path("/run/containerd/fifo/1-stdout".into())
-        );
-        assert_eq!(
-            parse_output("file:///var/log/c.log").unwrap(),
-            OutputTarget::Path("/var/log/c.log".into())
-        );
-        assert_eq!(
-            parse_output("binary:///usr/bin/logger?tag=x&verbose").unwrap(),
-            OutputTarget::Binary {
-                program: "/usr/bin/logger".into(),
-                args: vec![
-                    ("tag".into(), "x".into()),
-                    ("verbose".into(), String::new())
-                ]
-            }
-        );
-        assert!(parse_output("binary://relative").is_err());
-        assert!(parse_output("relative/path").is_err());
     }
 
     #[tokio::test]

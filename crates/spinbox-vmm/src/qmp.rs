@@ -5,6 +5,10 @@
 //! back with the same id; asynchronous `event`s arrive in between. One reader task routes replies
 //! to their waiting command and events to a broadcast channel, so a command never blocks on
 //! events and several commands can be in flight.
+//!
+//! Everything QEMU sends is bounded before it is parsed: a line is at most [`MAX_LINE`] bytes
+//! (reading stops there and the session counts as closed: pending commands fail at once), and
+//! errors quote at most [`EXCERPT`] bytes of a line.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
@@ -65,10 +69,72 @@ pub struct QmpEvent {
     pub timestamp_us: u64,
 }
 
+/// Longest line accepted from QEMU, newline included. The largest reply spinbox asks for
+/// (`query-status`, hotplug results) is well under a KiB; `query-qmp-schema`, the largest QEMU
+/// has, is a few hundred KiB.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// How much of an offending line an error quotes.
+pub const EXCERPT: usize = 256;
+
+/// At most `max` bytes of `text` (cut on a character boundary), marked when cut.
+pub(crate) fn excerpt(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}
+
+/// One read of [`read_line_bounded`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BoundedLine {
+    /// A line without its `\n` (the last one may end at EOF instead).
+    Line(Vec<u8>),
+    /// No newline within the bound: reading stopped there, the stream is out of step.
+    TooLong,
+    Eof,
+}
+
+/// Reads one `\n`-terminated line of at most `max` bytes, newline included. Never holds or
+/// consumes more than `max` bytes: past that it stops and answers [`BoundedLine::TooLong`].
+pub(crate) async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<BoundedLine> {
+    let mut line = Vec::new();
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(match line.is_empty() {
+                true => BoundedLine::Eof,
+                false => BoundedLine::Line(line),
+            });
+        }
+        let room = max - line.len();
+        let (take, done) = match buf.iter().take(room).position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len().min(room), false),
+        };
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if done {
+            line.pop();
+            return Ok(BoundedLine::Line(line));
+        }
+        if line.len() >= max {
+            return Ok(BoundedLine::TooLong);
+        }
+    }
+}
+
 /// Parses one line QEMU sent.
 pub fn parse_message(line: &str) -> Result<QmpMessage, QmpError> {
     let v: Value = serde_json::from_str(line.trim())
-        .map_err(|e| QmpError::Protocol(format!("{e}: {}", line.trim())))?;
+        .map_err(|e| QmpError::Protocol(format!("{e}: {}", excerpt(line.trim(), EXCERPT))))?;
     let id = v.get("id").and_then(Value::as_u64);
     if let Some(greeting) = v.get("QMP") {
         let ver = &greeting["version"]["qemu"];
@@ -95,8 +161,12 @@ pub fn parse_message(line: &str) -> Result<QmpMessage, QmpError> {
     }
     if let Some(name) = v.get("event").and_then(Value::as_str) {
         let ts = &v["timestamp"];
-        let timestamp_us = ts["seconds"].as_u64().unwrap_or(0) * 1_000_000
-            + ts["microseconds"].as_u64().unwrap_or(0);
+        // QEMU's numbers, not trusted to fit: saturate instead of overflowing.
+        let timestamp_us = ts["seconds"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_mul(1_000_000)
+            .saturating_add(ts["microseconds"].as_u64().unwrap_or(0));
         return Ok(QmpMessage::Event(QmpEvent {
             name: name.to_owned(),
             data: v.get("data").cloned().unwrap_or(Value::Null),
@@ -105,7 +175,7 @@ pub fn parse_message(line: &str) -> Result<QmpMessage, QmpError> {
     }
     Err(QmpError::Protocol(format!(
         "neither greeting, return, error nor event: {}",
-        line.trim()
+        excerpt(line.trim(), EXCERPT)
     )))
 }
 
@@ -138,14 +208,24 @@ impl Qmp {
     /// bounds the greeting and every later command.
     pub async fn handshake(stream: UnixStream, timeout: Duration) -> Result<Qmp, QmpError> {
         let (read, write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let first = tokio::time::timeout(timeout, lines.next_line())
+        let mut lines = BufReader::new(read);
+        let first = match tokio::time::timeout(timeout, read_line_bounded(&mut lines, MAX_LINE))
             .await
             .map_err(|_| QmpError::NoGreeting(timeout))??
-            .ok_or(QmpError::Disconnected {
-                command: "greeting".into(),
-            })?;
-        let version = match parse_message(&first)? {
+        {
+            BoundedLine::Line(line) => line,
+            BoundedLine::TooLong => {
+                return Err(QmpError::Protocol(format!(
+                    "no newline in the greeting's first {MAX_LINE} bytes"
+                )))
+            }
+            BoundedLine::Eof => {
+                return Err(QmpError::Disconnected {
+                    command: "greeting".into(),
+                })
+            }
+        };
+        let version = match parse_message(&String::from_utf8_lossy(&first))? {
             QmpMessage::Greeting { version } => version,
             other => {
                 return Err(QmpError::Protocol(format!(
@@ -226,14 +306,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 async fn read_loop(
-    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut lines: BufReader<OwnedReadHalf>,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
 ) {
     loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) | Err(_) => break,
+        let line = match read_line_bounded(&mut lines, MAX_LINE).await {
+            Ok(BoundedLine::Line(line)) => String::from_utf8_lossy(&line).into_owned(),
+            Ok(BoundedLine::TooLong) => {
+                // Out of step with QEMU: treated like a closed connection, never buffered.
+                tracing::warn!(
+                    max = MAX_LINE,
+                    "QMP line without a newline in its first bytes; closing"
+                );
+                break;
+            }
+            Ok(BoundedLine::Eof) | Err(_) => break,
         };
         if line.trim().is_empty() {
             continue;
@@ -447,3 +535,6 @@ mod tests {
         peer.await.unwrap();
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use ttrpc::r#async::transport::Socket;
 
@@ -61,11 +61,12 @@ pub async fn hybrid_connect(uds_path: &std::path::Path, port: u32) -> io::Result
         .map(|_| 1)
         .or_else(closed)?;
     // Read the reply byte by byte: anything after the newline already belongs to the stream.
+    // At most MAX_HYBRID_REPLY bytes: a backend that never sends a newline is refused there.
     let mut reply = Vec::with_capacity(16);
     let n = if sent == 0 {
         0
     } else {
-        let mut reader = BufReader::with_capacity(1, &mut stream);
+        let mut reader = BufReader::with_capacity(1, &mut stream).take(MAX_HYBRID_REPLY as u64);
         reader.read_until(b'\n', &mut reply).await.or_else(closed)?
     };
     parse_hybrid_reply(&reply[..n]).map_err(|msg| {
@@ -77,10 +78,23 @@ pub async fn hybrid_connect(uds_path: &std::path::Path, port: u32) -> io::Result
     Ok(stream)
 }
 
+/// Longest hybrid-vsock reply read, newline included: `OK 4294967295\n` is 14 bytes.
+pub const MAX_HYBRID_REPLY: usize = 64;
+
 /// Checks the backend's answer: `OK <host port>\n`.
 pub fn parse_hybrid_reply(reply: &[u8]) -> Result<u32, String> {
     if reply.is_empty() {
         return Err("connection closed before a reply (nothing listening on that port yet)".into());
+    }
+    let cut = match reply.iter().position(|b| *b == b'\n') {
+        Some(i) => i >= MAX_HYBRID_REPLY,
+        None => reply.len() >= MAX_HYBRID_REPLY,
+    };
+    if cut {
+        return Err(format!(
+            "no newline in the reply's first {MAX_HYBRID_REPLY} bytes ({:?}...)",
+            String::from_utf8_lossy(&reply[..32])
+        ));
     }
     let text = std::str::from_utf8(reply).map_err(|_| "reply is not text".to_string())?;
     let line = text
@@ -225,3 +239,6 @@ mod tests {
         assert_ne!(a, b, "a CID held by one fd is not handed out again");
     }
 }
+
+#[cfg(test)]
+mod proptests;
