@@ -3,71 +3,14 @@
 //! and Update (over the shim's own task API, as CRI's UpdateContainerResources reaches it).
 //! Each test ends with the shared leak check.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use spinbox_tests::ctr::{Ctr, IMAGE, RUNTIME};
+use spinbox_tests::ctr::{Ctr, EventLog, IMAGE, RUNTIME};
 use spinbox_tests::VM_TESTS;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// `ctr events` in the background, its lines collected.
-struct EventLog {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl EventLog {
-    fn start(ctr: &Ctr) -> EventLog {
-        let mut child = ctr
-            .cmd()
-            .arg("events")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ctr events");
-        let out = child.stdout.take().expect("events stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        EventLog { child, lines }
-    }
-
-    fn matching(&self, topic: &str, needle: &str) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(topic) && l.contains(needle))
-            .cloned()
-            .collect()
-    }
-
-    async fn wait_for(&self, topic: &str, needle: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if !self.matching(topic, needle).is_empty() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    }
-}
-
-impl Drop for EventLog {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A detached container, killed and removed at the end (also when the test fails).
@@ -342,7 +285,7 @@ async fn oom_kill_in_the_guest_reaches_containerd() {
                 .wait_for("/tasks/oom", "ix-oom", Duration::from_secs(30))
                 .await,
             "no /tasks/oom event; events: {:?}",
-            events.lines.lock().unwrap_or_else(|p| p.into_inner())
+            events.matching("", "")
         );
     }
     assert!(

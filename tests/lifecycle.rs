@@ -50,19 +50,6 @@ fn assert_variant_clean(dir: &Path, name: &str) {
     assert!(procs.is_empty(), "{name}: processes left: {procs:?}");
 }
 
-fn qemu_of(ctr: &Ctr, id: &str) -> Option<i32> {
-    let marker = ctr
-        .spinbox_root
-        .join("state")
-        .join(id)
-        .display()
-        .to_string();
-    spinbox_tests::processes_mentioning(&marker)
-        .iter()
-        .find(|p| p.contains("qemu-system"))
-        .and_then(|p| p.split(':').next()?.parse().ok())
-}
-
 #[tokio::test]
 async fn killed_qemu_stops_the_task_promptly_with_a_nonzero_status() {
     let Some(ctr) = Ctr::from_env() else { return };
@@ -74,7 +61,7 @@ async fn killed_qemu_stops_the_task_promptly_with_a_nonzero_status() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(ctr.task_line(id).is_some_and(|l| l.contains("RUNNING")));
-    let qemu = qemu_of(&ctr, id).expect("QEMU of the container");
+    let qemu = ctr.qemu_pid(id).expect("QEMU of the container");
 
     let killed = Instant::now();
     nix::sys::signal::kill(

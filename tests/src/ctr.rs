@@ -4,9 +4,11 @@
 //! and passes its socket in `$SPINBOX_CONTAINERD_ADDRESS`, with the spinbox state root the shim
 //! was configured with in `$SPINBOX_E2E_ROOT`.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub const IMAGE: &str = "docker.io/library/spinbox-busybox:latest";
 pub const RUNTIME: &str = "io.containerd.spinbox.v2";
@@ -105,6 +107,20 @@ impl Ctr {
             .map(str::to_owned)
     }
 
+    /// The pid of the QEMU that runs container (or pod) `id`, found by its state directory.
+    pub fn qemu_pid(&self, id: &str) -> Option<i32> {
+        let marker = self
+            .spinbox_root
+            .join("state")
+            .join(id)
+            .display()
+            .to_string();
+        crate::processes_mentioning(&marker)
+            .iter()
+            .find(|p| p.contains("qemu-system"))
+            .and_then(|p| p.split(':').next()?.parse().ok())
+    }
+
     /// The shim socket containerd-shim derives for a container: `/run/containerd/s/` +
     /// sha256(`<containerd address>/<namespace>/<id>`).
     pub fn shim_socket(&self, namespace: &str, id: &str) -> PathBuf {
@@ -186,5 +202,60 @@ impl Ctr {
             String::from_utf8_lossy(&ctrs.stdout).trim().is_empty(),
             "containers left"
         );
+    }
+}
+
+/// `ctr events` in the background, its lines collected.
+pub struct EventLog {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl EventLog {
+    pub fn start(ctr: &Ctr) -> EventLog {
+        let mut child = ctr
+            .cmd()
+            .arg("events")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ctr events");
+        let out = child.stdout.take().expect("events stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        EventLog { child, lines }
+    }
+
+    pub fn matching(&self, topic: &str, needle: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(topic) && l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    pub async fn wait_for(&self, topic: &str, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if !self.matching(topic, needle).is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

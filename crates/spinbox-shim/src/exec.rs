@@ -10,22 +10,27 @@ use spinbox_agent_api::agent_ttrpc::AgentClient;
 use tokio::sync::watch;
 
 use crate::container::{
-    agent_err, ctx, wait_exit, ContainerError, ExitInfo, Status, VM_DIED_STATUS,
+    agent_err, arm_kill_watchdog, ctx, wait_exit, ContainerError, ExitInfo, Status, VM_DIED_STATUS,
 };
+use crate::sandbox::Sandbox;
 use crate::stdio::{StdioPaths, StdioPumps};
+
+/// How long an exec's output may still arrive after its VM died.
+const VM_DEATH_DRAIN: Duration = Duration::from_millis(250);
 
 /// One exec process of a container.
 pub struct Exec {
     pub container_id: String,
     pub exec_id: String,
     pub stdio: StdioPaths,
-    agent: AgentClient,
+    sandbox: Arc<Sandbox>,
     pumps: Arc<tokio::sync::Mutex<StdioPumps>>,
     status: Mutex<(Status, u32)>,
     exit: watch::Receiver<Option<ExitInfo>>,
     exit_tx: Mutex<Option<watch::Sender<Option<ExitInfo>>>>,
     rpc_limit: Duration,
     io_wait: Duration,
+    kill_limit: Duration,
 }
 
 fn req(id: &str, exec_id: &str) -> ProcessRequest {
@@ -40,16 +45,16 @@ impl Exec {
     /// ExecProcess in the guest, then the stdio streams; the process waits to be started.
     #[allow(clippy::too_many_arguments)]
     pub async fn create(
-        agent: AgentClient,
-        transport: &spinbox_vmm::vsock::VsockTransport,
+        sandbox: Arc<Sandbox>,
         container_id: &str,
         exec_id: &str,
         process_json: Vec<u8>,
         stdio: StdioPaths,
         namespace: &str,
-        limits: (Duration, Duration, Duration),
+        limits: (Duration, Duration, Duration, Duration),
     ) -> Result<Exec, ContainerError> {
-        let (rpc_limit, connect_limit, io_wait) = limits;
+        let (rpc_limit, connect_limit, io_wait, kill_limit) = limits;
+        let agent = sandbox.agent();
         let request = ExecProcessRequest {
             container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
@@ -65,7 +70,7 @@ impl Exec {
             .await
             .map_err(|e| agent_err("ExecProcess", e))?;
         let pumps = match crate::stdio::connect(
-            transport,
+            sandbox.transport(),
             spinbox_agent_api::DEFAULT_STDIO_PORT,
             &crate::stdio::ProcessRef {
                 container_id,
@@ -92,14 +97,19 @@ impl Exec {
             container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
             stdio,
-            agent,
+            sandbox,
             pumps: Arc::new(tokio::sync::Mutex::new(pumps)),
             status: Mutex::new((Status::Created, 0)),
             exit,
             exit_tx: Mutex::new(Some(exit_tx)),
             rpc_limit,
             io_wait,
+            kill_limit,
         })
+    }
+
+    fn agent(&self) -> &AgentClient {
+        self.sandbox.agent()
     }
 
     pub fn status(&self) -> (Status, u32) {
@@ -126,7 +136,7 @@ impl Exec {
             .take()
             .ok_or_else(|| ContainerError::AlreadyStarted(self.exec_id.clone()))?;
         let resp = self
-            .agent
+            .agent()
             .start_process(ctx(self.rpc_limit), &req(&self.container_id, &self.exec_id))
             .await
             .map_err(|e| agent_err("StartProcess", e));
@@ -143,28 +153,27 @@ impl Exec {
         };
         self.set_status(Status::Running, pid);
         let me = Arc::clone(self);
+        let mut vm_exit = self.sandbox.exit_watch();
         tokio::spawn(async move {
-            let waited = me
-                .agent
-                .wait_process(
-                    ttrpc::context::Context::default(),
-                    &req(&me.container_id, &me.exec_id),
-                )
-                .await;
-            let info = match waited {
-                Ok(w) => ExitInfo {
-                    status: w.exit_status,
-                    at: SystemTime::UNIX_EPOCH + Duration::from_nanos(w.exited_at_unix_nanos),
-                },
-                Err(e) => {
-                    tracing::warn!(id = %me.container_id, exec = %me.exec_id, error = %e, "WaitProcess of an exec failed");
-                    ExitInfo {
-                        status: VM_DIED_STATUS,
-                        at: SystemTime::now(),
-                    }
-                }
+            let request = req(&me.container_id, &me.exec_id);
+            let died = || ExitInfo {
+                status: VM_DIED_STATUS,
+                at: SystemTime::now(),
             };
-            me.pumps.lock().await.drain_output(me.io_wait).await;
+            let (info, drain) = tokio::select! {
+                waited = me.agent().wait_process(ttrpc::context::Context::default(), &request) => match waited {
+                    Ok(w) => (ExitInfo {
+                        status: w.exit_status,
+                        at: SystemTime::UNIX_EPOCH + Duration::from_nanos(w.exited_at_unix_nanos),
+                    }, me.io_wait),
+                    Err(e) => {
+                        tracing::warn!(id = %me.container_id, exec = %me.exec_id, error = %e, "WaitProcess of an exec failed");
+                        (died(), VM_DEATH_DRAIN)
+                    }
+                },
+                _ = vm_exit.wait_for(|s| s.is_some()) => (died(), VM_DEATH_DRAIN),
+            };
+            me.pumps.lock().await.drain_output(drain).await;
             me.set_status(Status::Stopped, pid);
             let _ = exit_tx.send(Some(info));
             on_exit(pid, info);
@@ -189,11 +198,27 @@ impl Exec {
             signal,
             ..Default::default()
         };
-        self.agent
-            .signal_process(ctx(self.rpc_limit), &request)
+        let sigkill = signal == nix::sys::signal::Signal::SIGKILL as u32;
+        if sigkill {
+            arm_kill_watchdog(
+                &self.sandbox,
+                format!("exec {} of {}", self.exec_id, self.container_id),
+                self.exit.clone(),
+                self.kill_limit,
+            );
+        }
+        match self
+            .agent()
+            .signal_process(ctx(self.kill_limit), &request)
             .await
-            .map(|_| ())
-            .map_err(|e| agent_err("SignalProcess", e))
+        {
+            Ok(_) => Ok(()),
+            Err(e) if sigkill && !crate::container::answered(&e) => {
+                tracing::warn!(id = %self.container_id, exec = %self.exec_id, error = %e, "the guest did not take the SIGKILL");
+                Ok(())
+            }
+            Err(e) => Err(agent_err("SignalProcess", e)),
+        }
     }
 
     pub async fn close_stdin(&self) -> Result<(), ContainerError> {
@@ -201,7 +226,7 @@ impl Exec {
         if self.status().0 == Status::Stopped {
             return Ok(());
         }
-        self.agent
+        self.agent()
             .close_stdin(ctx(self.rpc_limit), &req(&self.container_id, &self.exec_id))
             .await
             .map(|_| ())
@@ -216,7 +241,7 @@ impl Exec {
             height,
             ..Default::default()
         };
-        self.agent
+        self.agent()
             .resize_pty(ctx(self.rpc_limit), &request)
             .await
             .map(|_| ())
@@ -226,7 +251,7 @@ impl Exec {
     /// Forgets the exec: its streams stop, the guest drops it (killing it if it still runs).
     pub async fn remove(&self) -> Result<(), ContainerError> {
         self.pumps.lock().await.abort();
-        self.agent
+        self.agent()
             .remove_container(ctx(self.rpc_limit), &req(&self.container_id, &self.exec_id))
             .await
             .map(|_| ())

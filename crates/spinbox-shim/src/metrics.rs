@@ -193,3 +193,46 @@ mod tests {
         assert!(m.io.usage.is_empty());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The cgroup files the guest reports, named as the parser looks them up.
+    fn file_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("cpu.stat".to_owned()),
+            Just("memory.stat".to_owned()),
+            Just("memory.current".to_owned()),
+            Just("memory.max".to_owned()),
+            Just("memory.events".to_owned()),
+            Just("pids.current".to_owned()),
+            Just("pids.max".to_owned()),
+            Just("io.stat".to_owned()),
+            ".{0,20}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever an untrusted guest sends as its cgroup files, the metrics are built
+        /// (numbers that do not parse count as 0) and encode, without a panic.
+        #[test]
+        fn arbitrary_cgroup_files_never_panic(
+            files in proptest::collection::hash_map(
+                file_name(),
+                "([a-z_]{0,12} [0-9-]{0,22}\n|[0-9]{1,3}:[0-9]{1,3} [a-z]+=[0-9]{0,20} ?|max\n|.{0,16}){0,12}",
+                0..10,
+            )
+        ) {
+            let files: HashMap<String, String> = files;
+            let m = from_files(&files);
+            prop_assert!(to_any(&m).is_ok());
+        }
+    }
+}

@@ -29,6 +29,13 @@ use tokio::sync::watch;
 
 use crate::container::ContainerError;
 
+/// One TaskOOM per container per this, however often the guest reports.
+const OOM_COALESCE: std::time::Duration = std::time::Duration::from_secs(1);
+/// The OOM poll's floor: a guest that answers at once is asked at most this often.
+const OOM_MIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// Containers whose last OOM event is remembered (for coalescing) at once.
+const OOM_TRACKED: usize = 256;
+
 /// The hot-plugged disks' record, in the sandbox's state directory.
 const HOTPLUG_RECORD: &str = "hotplug.json";
 
@@ -308,6 +315,22 @@ impl Sandbox {
         release_vm(vm).await
     }
 
+    /// Takes a VM whose guest stopped answering down without its help (QMP quit, then
+    /// SIGKILL of QEMU); the processes in it exit with it. A teardown that already took the
+    /// VM is climbing the ladder itself.
+    pub async fn force_down(&self, why: &str) {
+        let vm = self.vm.lock().await;
+        if let Some(vm) = vm.as_ref() {
+            let report = vm.force_shutdown(why).await;
+            tracing::warn!(
+                sandbox = %self.id,
+                duration_ms = report.duration_ms,
+                why,
+                "VM forced down"
+            );
+        }
+    }
+
     /// The network phase of the pod's teardown.
     pub async fn release_network(&self) -> Vec<String> {
         let network = spinbox_net::Settings::from_config(&self.config);
@@ -327,6 +350,11 @@ impl Sandbox {
     /// Forwards the guest's OOM events (a long poll on the agent) to `on_oom` with the id of
     /// the container whose cgroup saw the kill, until the VM goes. An agent without OOM
     /// events ends the watch at once. The watch ends by itself when the VM does.
+    ///
+    /// The guest decides when the poll answers, so the stream is bounded here: an id that is
+    /// not a valid container id is dropped, one container's events are coalesced to one per
+    /// [`OOM_COALESCE`], and the poll runs at most once per [`OOM_MIN_POLL`] — an agent
+    /// answering at once cannot grow the event queue or flood containerd.
     pub fn watch_oom<F>(self: &Arc<Self>, on_oom: F)
     where
         F: Fn(String) + Send + 'static,
@@ -335,13 +363,38 @@ impl Sandbox {
         tokio::spawn(async move {
             let mut vm_exit = me.vm_exit.clone();
             let empty = spinbox_agent_api::agent::Empty::default();
+            let mut last_sent: HashMap<String, std::time::Instant> = HashMap::new();
+            let mut dropped: u64 = 0;
             loop {
+                let polled_at = tokio::time::Instant::now();
                 let polled = tokio::select! {
                     r = me.agent.get_oom_event(ttrpc::context::Context::default(), &empty) => r,
                     _ = vm_exit.wait_for(|s| s.is_some()) => return,
                 };
                 match polled {
-                    Ok(ev) => on_oom(ev.container_id),
+                    Ok(ev) => {
+                        let id = ev.container_id;
+                        let now = std::time::Instant::now();
+                        let fresh = spinbox_vmm::state::validate_id(&id).is_ok()
+                            && last_sent
+                                .get(&id)
+                                .is_none_or(|t| now.duration_since(*t) >= OOM_COALESCE);
+                        if fresh {
+                            if last_sent.len() >= OOM_TRACKED {
+                                last_sent.retain(|_, t| now.duration_since(*t) < OOM_COALESCE);
+                            }
+                            if last_sent.len() < OOM_TRACKED {
+                                last_sent.insert(id.clone(), now);
+                                on_oom(id);
+                            }
+                        } else {
+                            dropped += 1;
+                            if dropped.is_power_of_two() {
+                                tracing::warn!(sandbox = %me.id, dropped, "OOM events coalesced or dropped (invalid id, or faster than one per container per second)");
+                            }
+                        }
+                        tokio::time::sleep_until(polled_at + OOM_MIN_POLL).await;
+                    }
                     Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::UNIMPLEMENTED => {
                         tracing::warn!(sandbox = %me.id, "the agent has no OOM events");
                         return;

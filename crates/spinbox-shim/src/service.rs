@@ -100,7 +100,7 @@ fn config_for(options: &MessageField<Any>, default: &Config) -> Result<Config, T
             ),
         ));
     }
-    let path = runtime_options_config_path(&any.value).map_err(|e| {
+    let path = crate::runtime_options::config_path(&any.value).map_err(|e| {
         status(
             Code::INVALID_ARGUMENT,
             format!("runtime options: not a valid runtimeoptions.v1.Options: {e}"),
@@ -115,23 +115,6 @@ fn config_for(options: &MessageField<Any>, default: &Config) -> Result<Config, T
         }),
         _ => Ok(default.clone()),
     }
-}
-
-/// Field 2 (`config_path`) of `runtimeoptions.v1.Options` { type_url = 1; config_path = 2;
-/// config_body = 3 }.
-fn runtime_options_config_path(bytes: &[u8]) -> protobuf::Result<Option<String>> {
-    let mut input = protobuf::CodedInputStream::from_bytes(bytes);
-    let mut path = None;
-    while let Some(tag) = input.read_raw_tag_or_eof()? {
-        if tag == (2 << 3) | 2 {
-            path = Some(input.read_string()?);
-        } else {
-            input.skip_field(protobuf::rt::WireType::new(tag & 7).ok_or_else(|| {
-                protobuf::Error::from(std::io::Error::other(format!("bad wire type in tag {tag}")))
-            })?)?;
-        }
-    }
-    Ok(path)
 }
 
 impl TaskService {
@@ -195,7 +178,11 @@ impl Shared {
         self.lifecycle.begin_shutdown();
         let live = self.teardown_order().await;
         for c in &live {
-            c.vm_died_under();
+            // A process that never started exits with the VM too (TaskExit, as for a
+            // started one, whose exit watcher publishes its own).
+            if let Some(info) = c.vm_died_under() {
+                self.publish_exit(c.id.clone(), c.id.clone(), c.pid, info);
+            }
         }
         for c in live {
             let info = c.wait().await;
@@ -473,7 +460,11 @@ impl Task for TaskService {
             exec.kill(req.signal).await.map_err(to_ttrpc)?;
             return Ok(Empty::new());
         }
-        c.kill(req.signal, req.all).await.map_err(to_ttrpc)?;
+        if let Some(info) = c.kill(req.signal, req.all).await.map_err(to_ttrpc)? {
+            // A created process that never started ended here: its exit is published now.
+            self.shared
+                .publish_exit(c.id.clone(), c.id.clone(), c.pid, info);
+        }
         Ok(Empty::new())
     }
 
@@ -521,7 +512,13 @@ impl Task for TaskService {
                 format!("container {} is running; kill it first", c.id),
             ));
         }
-        let report = if c.owns_sandbox() {
+        let retry = c.cleanup_failed().await;
+        let report = if retry {
+            // A Delete whose cleanup failed, again: the teardown runs once more; the
+            // container stays known until it succeeds.
+            tracing::info!(id = %c.id, "delete retried after an incomplete cleanup");
+            c.destroy().await
+        } else if c.owns_sandbox() {
             // The pod comes down: its members first (CRI removes them before the sandbox;
             // anything left goes now), then the VM with its owner.
             // After a VM death the shim is already shutting down and cleaning up: Delete
@@ -545,19 +542,33 @@ impl Task for TaskService {
                 sh.containers.lock().await.remove(&m.id);
             }
             let report = c.destroy().await;
-            sh.containers.lock().await.remove(&c.id);
             *sh.sandbox.lock().await = None;
             if deleting {
                 let _ = sh.lifecycle.transition(State::Deleting, State::Idle);
             }
             report
         } else {
-            let report = c.destroy().await;
-            sh.containers.lock().await.remove(&c.id);
-            report
+            c.destroy().await
         };
+        if !report.ok() {
+            // The container stays known: containerd's retry of the Delete runs the cleanup
+            // again (see Container::destroy).
+            let phases: Vec<&str> = report.failed_phases().iter().map(|p| p.as_str()).collect();
+            return Err(lifecycle_err(
+                &c.id,
+                LifecycleError::CleanupIncomplete(format!(
+                    "phases {} failed: {} (what remains is recorded in {} for `spinbox gc`; a retried delete runs the cleanup again)",
+                    phases.join(","),
+                    report.summary(),
+                    c.state_dir().display()
+                )),
+            ));
+        }
+        sh.containers.lock().await.remove(&c.id);
+        // The exit the process had: its own, the VM's, or the kill of a never-started one
+        // at teardown (137).
         let info = c.exit_info().unwrap_or(ExitInfo {
-            status: 0,
+            status: crate::container::VM_DIED_STATUS,
             at: SystemTime::now(),
         });
         let mut ev = TaskDelete::new();
@@ -568,18 +579,6 @@ impl Task for TaskService {
         ev.exited_at = timestamp(info.at);
         sh.events
             .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev));
-        if !report.ok() {
-            let phases: Vec<&str> = report.failed_phases().iter().map(|p| p.as_str()).collect();
-            return Err(lifecycle_err(
-                &c.id,
-                LifecycleError::CleanupIncomplete(format!(
-                    "phases {} failed: {} (what remains is recorded in {} for `spinbox gc`)",
-                    phases.join(","),
-                    report.summary(),
-                    c.state_dir().display()
-                )),
-            ));
-        }
         let mut resp = DeleteResponse::new();
         resp.pid = c.pid;
         resp.exit_status = info.status;
@@ -721,20 +720,6 @@ fn task_status(s: Status, paused: bool) -> TaskStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn runtime_options_config_path_is_read_from_field_two() {
-        // type_url = "x" (1), config_path = "/etc/a.json" (2), config_body = "b" (3).
-        let mut bytes = vec![0x0a, 1, b'x', 0x12, 11];
-        bytes.extend_from_slice(b"/etc/a.json");
-        bytes.extend_from_slice(&[0x1a, 1, b'b']);
-        assert_eq!(
-            runtime_options_config_path(&bytes).unwrap().as_deref(),
-            Some("/etc/a.json")
-        );
-        assert_eq!(runtime_options_config_path(&[]).unwrap(), None);
-        assert!(runtime_options_config_path(&[0x12, 50, b'a']).is_err());
-    }
 
     #[test]
     fn unknown_runtime_options_are_refused_naming_the_type() {

@@ -167,6 +167,10 @@ impl QemuArg for Basics {
             "-no-reboot",
             "-msg",
             "timestamp=on",
+            // QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec,
+            // no scheduler or affinity changes. A guest escape into QEMU meets it first.
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -174,17 +178,24 @@ impl QemuArg for Basics {
     }
 }
 
-/// The guest's serial console (ttyS0) written to a file.
+/// The guest's serial console (ttyS0): into a file QEMU writes itself (the short-lived
+/// boot floor), or onto a connected socket passed as `fd`, whose other end the runtime reads
+/// into a bounded log (every VM: the guest cannot fill the host's disk).
 #[derive(Debug, Clone)]
-pub struct SerialToFile {
-    pub path: PathBuf,
+pub enum Serial {
+    File(PathBuf),
+    Fd(i32),
 }
 
-impl QemuArg for SerialToFile {
+impl QemuArg for Serial {
     fn to_args(&self) -> Vec<String> {
+        let chardev = match self {
+            Serial::File(path) => format!("file,id=serial0,path={}", path_opt(path)),
+            Serial::Fd(fd) => format!("socket,id=serial0,fd={fd}"),
+        };
         vec![
             "-chardev".into(),
-            format!("file,id=serial0,path={}", path_opt(&self.path)),
+            chardev,
             "-serial".into(),
             "chardev:serial0".into(),
         ]
@@ -489,9 +500,7 @@ mod tests {
                 initrd: "/k/initrd.img".into(),
                 cmdline: guest_kernel_cmdline(1024, &[]),
             })
-            .push(SerialToFile {
-                path: "/log/console.log".into(),
-            })
+            .push(Serial::Fd(11))
             .push(QmpFd { fd: 3 });
         c.parts.push(vsock);
         c.args()
@@ -522,6 +531,10 @@ mod tests {
             .contains(&"socket,id=qmp,fd=3,server=on,wait=off".to_string()));
         assert_eq!(window(&args, "-mon"), ["chardev=qmp,mode=control"]);
         assert!(args.contains(&"-nodefaults".to_string()));
+        assert_eq!(
+            window(&args, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
         assert!(args.contains(&"-no-reboot".to_string()));
     }
 
@@ -587,9 +600,7 @@ mod tests {
 
     #[test]
     fn commas_in_paths_cannot_inject_options() {
-        let s = SerialToFile {
-            path: "/tmp/x,server=on".into(),
-        };
+        let s = Serial::File("/tmp/x,server=on".into());
         assert_eq!(
             joined(&s),
             "-chardev file,id=serial0,path=/tmp/x,,server=on -serial chardev:serial0"

@@ -118,8 +118,9 @@ pub fn command<S: AsRef<OsStr>>(
                 return Err(io::Error::last_os_error());
             }
             // The parent may have died before the prctl took effect.
+            // (An error from an OS code: `io::Error::other` would allocate after fork.)
             if libc::getppid() as u32 != parent {
-                return Err(io::Error::other("parent exited during spawn"));
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
@@ -128,6 +129,40 @@ pub fn command<S: AsRef<OsStr>>(
         });
     }
     cmd
+}
+
+/// Makes `cmd`'s child run without capabilities although it runs as root: its bounding set
+/// is emptied (an exec as uid 0 then grants none), its ambient set cleared, and
+/// no_new_privs set (no setuid binary or file capability gives any back). For QEMU, which
+/// needs none: every fd it needs is passed, every file it opens is root's own.
+pub fn without_capabilities(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs between fork and exec and makes only prctl calls
+    // (async-signal-safe); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Kernels without ambient capabilities have none to clear.
+            let _ = libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
+            for cap in 0..64 {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    // EINVAL: past the last capability this kernel knows.
+                    if *libc::__errno_location() == libc::EINVAL {
+                        break;
+                    }
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Most fds [`place_fds`] places.

@@ -200,6 +200,22 @@ pub async fn create_dir(dir: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().mode(0o700).create(dir)
 }
 
+/// Creates `dir` (and missing parents) owner-only, and makes an existing `dir` owner-only:
+/// the log directory holds every guest's console.
+pub async fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
 /// Kills what a record names (verified by start time: a pid now used by another process is
 /// never signalled), removes the files and directories it names, then the state directory.
 /// Idempotent; returns the processes it found alive and killed.

@@ -14,6 +14,7 @@
 mod bundle;
 mod create;
 mod error;
+mod kill;
 mod timeline;
 
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use spinbox_agent_api::agent::{FileCopy, ProcessRequest, Share, SignalProcessRequest};
+use spinbox_agent_api::agent::{FileCopy, ProcessRequest, Share};
 use spinbox_config::Config;
 use spinbox_storage::{GuestRootfs, MountSpec, PreparedRootfs};
 use spinbox_vmm::state::StateDir;
@@ -31,6 +32,7 @@ use tokio::sync::watch;
 pub use self::bundle::PodRole;
 pub(crate) use self::error::agent_err;
 pub use self::error::ContainerError;
+pub(crate) use self::kill::{answered, arm_kill_watchdog};
 use crate::cleanup::{Cleanup, CleanupReport, Phase};
 use crate::exec::Exec;
 use crate::lifecycle::LifecycleError;
@@ -103,7 +105,9 @@ pub struct Container {
     sandbox: Arc<Sandbox>,
     owns_sandbox: bool,
     namespace: String,
-    execs: tokio::sync::Mutex<HashMap<String, Arc<Exec>>>,
+    /// Exec ids: `None` while the exec is being created (the id is taken; the table is not
+    /// locked across the agent call).
+    execs: tokio::sync::Mutex<HashMap<String, Option<Arc<Exec>>>>,
     paused: AtomicBool,
     pumps: Arc<tokio::sync::Mutex<StdioPumps>>,
     rootfs: PreparedRootfs,
@@ -111,9 +115,12 @@ pub struct Container {
     status: Mutex<Status>,
     exit: watch::Receiver<Option<ExitInfo>>,
     exit_tx: Mutex<Option<watch::Sender<Option<ExitInfo>>>>,
+    /// Set once the guest ran the process (a never-started one has no output to wait for).
+    started: AtomicBool,
     /// Set once teardown began.
     tearing_down: AtomicBool,
-    cleanup: tokio::sync::OnceCell<CleanupReport>,
+    /// The last teardown's report; a failed one is retried by the next destroy.
+    cleanup: tokio::sync::Mutex<Option<CleanupReport>>,
     config: Config,
 }
 
@@ -143,8 +150,9 @@ impl Container {
             status: Mutex::new(Status::Created),
             exit,
             exit_tx: Mutex::new(Some(exit_tx)),
+            started: AtomicBool::new(false),
             tearing_down: AtomicBool::new(false),
-            cleanup: tokio::sync::OnceCell::new(),
+            cleanup: tokio::sync::Mutex::new(None),
             config: config.clone(),
         }
     }
@@ -183,20 +191,26 @@ impl Container {
     }
 
     /// The pod's VM died: a process that never started cannot report, so its exit is the
-    /// VM's (a started one's exit watcher sees the death itself).
-    pub fn vm_died_under(&self) {
-        if let Some(tx) = self
+    /// VM's (a started one's exit watcher sees the death itself). Returns that exit when it
+    /// was set here: containerd hears of it from the caller (TaskExit).
+    pub fn vm_died_under(&self) -> Option<ExitInfo> {
+        self.end_unstarted(VM_DIED_STATUS)
+    }
+
+    /// Ends a process that never started with `status`, unless it started (or ended) already.
+    fn end_unstarted(&self, status: u32) -> Option<ExitInfo> {
+        let tx = self
             .exit_tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            self.set_status(Status::Stopped);
-            let _ = tx.send(Some(ExitInfo {
-                status: VM_DIED_STATUS,
-                at: SystemTime::now(),
-            }));
-        }
+            .take()?;
+        let info = ExitInfo {
+            status,
+            at: SystemTime::now(),
+        };
+        self.set_status(Status::Stopped);
+        let _ = tx.send(Some(info));
+        Some(info)
     }
 
     /// Runs the process and starts the watcher that turns its exit (or the VM's death) into
@@ -220,7 +234,7 @@ impl Container {
         let resp = self
             .sandbox
             .agent()
-            .start_process(ctx(self.config.timeouts.vm_start), &process(&self.id))
+            .start_process(ctx(self.config.timeouts.agent_call), &process(&self.id))
             .await
             .map_err(|e| agent_err("StartProcess", e));
         let resp = match resp {
@@ -237,6 +251,7 @@ impl Container {
                 return Err(e);
             }
         };
+        self.started.store(true, Ordering::Release);
         self.set_status(Status::Running);
         tracing::info!(id = %self.id, pid = resp.pid, "process started");
         let me = Arc::clone(self);
@@ -278,24 +293,6 @@ impl Container {
     /// Waits for the exit (of a started process; a never-started one never exits by itself).
     pub async fn wait(&self) -> ExitInfo {
         wait_exit(self.exit.clone()).await
-    }
-
-    pub async fn kill(&self, signal: u32, all: bool) -> Result<(), ContainerError> {
-        if self.status() == Status::Stopped || !self.sandbox.vm_alive() {
-            return Err(self.not_running());
-        }
-        let req = SignalProcessRequest {
-            container_id: self.id.clone(),
-            signal,
-            all,
-            ..Default::default()
-        };
-        self.sandbox
-            .agent()
-            .signal_process(ctx(self.config.timeouts.qmp_command), &req)
-            .await
-            .map(|_| ())
-            .map_err(|e| agent_err("SignalProcess", e))
     }
 
     pub async fn pids(&self) -> Result<Vec<u32>, ContainerError> {
@@ -353,25 +350,36 @@ impl Container {
                 self.id
             )));
         }
-        let mut execs = self.execs.lock().await;
-        if execs.contains_key(exec_id) {
-            return Err(ContainerError::ExecExists(exec_id.to_owned()));
+        {
+            let mut execs = self.execs.lock().await;
+            if execs.contains_key(exec_id) {
+                return Err(ContainerError::ExecExists(exec_id.to_owned()));
+            }
+            execs.insert(exec_id.to_owned(), None);
         }
         let t = &self.config.timeouts;
-        let exec = Exec::create(
-            self.sandbox.agent().clone(),
-            self.sandbox.transport(),
+        let created = Exec::create(
+            Arc::clone(&self.sandbox),
             &self.id,
             exec_id,
             process_json,
             stdio,
             &self.namespace,
-            (t.vm_start, t.device_detection, t.io_wait),
+            (t.agent_call, t.device_detection, t.io_wait, t.kill),
         )
-        .await?;
-        let exec = Arc::new(exec);
-        execs.insert(exec_id.to_owned(), Arc::clone(&exec));
-        Ok(exec)
+        .await;
+        let mut execs = self.execs.lock().await;
+        match created {
+            Ok(exec) => {
+                let exec = Arc::new(exec);
+                execs.insert(exec_id.to_owned(), Some(Arc::clone(&exec)));
+                Ok(exec)
+            }
+            Err(e) => {
+                execs.remove(exec_id);
+                Err(e)
+            }
+        }
     }
 
     pub async fn get_exec(&self, exec_id: &str) -> Result<Arc<Exec>, ContainerError> {
@@ -380,6 +388,7 @@ impl Container {
             .await
             .get(exec_id)
             .cloned()
+            .flatten()
             .ok_or_else(|| ContainerError::ExecNotFound(exec_id.to_owned()))
     }
 
@@ -475,13 +484,30 @@ impl Container {
     /// for the VM's owner vm → network → mounts, for a member of a pod its mounts (hot-plugged
     /// disks, images, work directory); the event channel belongs to the shim and closes when
     /// it exits. A pod's owner is torn down after its members (the service orders that).
-    /// Runs once: a second or concurrent call waits for the first and gets its report.
+    /// Runs once when it succeeds: a second or concurrent call waits for the first and gets
+    /// its report. A failed teardown is run again by the next call (every phase is
+    /// idempotent: what was released is not there to release twice), so containerd can
+    /// retry a Delete whose cleanup failed.
     pub async fn destroy(&self) -> CleanupReport {
-        self.cleanup.get_or_init(|| self.teardown()).await.clone()
+        let mut done = self.cleanup.lock().await;
+        if let Some(report) = done.as_ref().filter(|r| r.ok()) {
+            return report.clone();
+        }
+        let report = self.teardown().await;
+        *done = Some(report.clone());
+        report
+    }
+
+    /// Whether a teardown ran and left something behind (a Delete to retry).
+    pub async fn cleanup_failed(&self) -> bool {
+        self.cleanup.lock().await.as_ref().is_some_and(|r| !r.ok())
     }
 
     async fn teardown(&self) -> CleanupReport {
         self.tearing_down.store(true, Ordering::Release);
+        // A process that never started is killed with its container (as `runc delete`
+        // kills one still in `runc init`).
+        self.end_unstarted(VM_DIED_STATUS);
         if self.owns_sandbox {
             self.sandbox.begin_teardown();
         }
@@ -490,7 +516,15 @@ impl Container {
         // No resize controllers run yet: nothing to stop.
         c.phase(Phase::Hotplug, async { Vec::new() }).await;
         c.phase(Phase::Io, async {
-            for exec in self.execs.lock().await.values() {
+            let execs: Vec<Arc<Exec>> = self
+                .execs
+                .lock()
+                .await
+                .values()
+                .flatten()
+                .cloned()
+                .collect();
+            for exec in execs {
                 exec.abort().await;
             }
             let mut pumps = self.pumps.lock().await;
@@ -500,9 +534,12 @@ impl Container {
             } else {
                 VM_DEATH_DRAIN
             };
-            if self.status() == Status::Running && vm_alive {
-                // Deleting a running container is refused earlier; a shutdown of the shim
-                // gets here with one: its output is cut, not waited for.
+            if !self.started.load(Ordering::Acquire)
+                || (self.status() == Status::Running && vm_alive)
+            {
+                // A process that never ran has no output to wait for. Deleting a running
+                // container is refused earlier; a shutdown of the shim gets here with one:
+                // its output is cut, not waited for.
                 pumps.abort();
             } else if !pumps.drain_output(limit).await {
                 tracing::warn!(id = %self.id, "output cut off at teardown");
@@ -519,7 +556,16 @@ impl Container {
                     .remove_container(ctx(self.config.timeouts.shutdown_grace), &process(&self.id))
                     .await
                 {
-                    errors.push(format!("agent RemoveContainer: {e}"));
+                    if self.owns_sandbox {
+                        // The VM goes next: a guest that does not answer is not asked again
+                        // along the ladder's graceful steps.
+                        tracing::warn!(id = %self.id, error = %e, "agent RemoveContainer failed; the VM is forced down");
+                        self.sandbox
+                            .force_down(&format!("the agent did not remove {}: {e}", self.id))
+                            .await;
+                    } else {
+                        errors.push(format!("agent RemoveContainer: {e}"));
+                    }
                 }
             }
             // The stdio vsock streams.

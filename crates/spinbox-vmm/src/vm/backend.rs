@@ -184,7 +184,7 @@ pub(super) async fn start_backend(
                 .borrow()
                 .map(|s| s.to_string())
                 .unwrap_or_default();
-            let stderr = tail(&backend.stderr_log, 10);
+            let stderr = tail(&backend.stderr_log, 10).await;
             return Err((
                 VmError::BackendExited {
                     what,

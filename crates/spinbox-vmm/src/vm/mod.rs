@@ -23,7 +23,11 @@ use crate::state::{self, StateDir};
 use crate::vsock::{self, VsockTransport};
 
 mod backend;
+mod console;
 mod shutdown;
+
+pub use self::console::rotated as rotated_console_log;
+use self::console::{tail, ConsoleSink};
 
 use self::backend::{
     share_file_names, start_virtiofsd, start_vsock_backend, stop_backend, Backend,
@@ -40,6 +44,8 @@ const VHOST_FD: i32 = 4;
 const FIRST_NIC_FD: i32 = 5;
 /// QEMU's ends of the output serial ports' socket pairs: stdout, then stderr.
 const FIRST_PORT_FD: i32 = FIRST_NIC_FD + MAX_NICS as i32;
+/// QEMU's end of the serial console's socket pair (after the two output ports).
+const CONSOLE_FD: i32 = FIRST_PORT_FD + 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -200,6 +206,8 @@ pub struct Vm {
     _vhost_fd: Option<OwnedFd>,
     /// Held for the sockets' addresses (the vsock transport's, QMP's) while the VM lives.
     _sockets: SocketDir,
+    /// The copy of the serial console into the log (stops with the VM).
+    _console: ConsoleSink,
 }
 
 /// Files a VM creates in its state directory (besides the records).
@@ -229,7 +237,8 @@ async fn forget_vm_files(state: &StateDir, console_log: &Path) -> Vec<String> {
             r.qemu = None;
             r.vsock_backend = None;
             r.fs_backends.clear();
-            r.files.retain(|f| f != console_log);
+            r.files
+                .retain(|f| f != console_log && *f != console::rotated(console_log));
         })
         .await
     {
@@ -263,6 +272,7 @@ impl Partial {
         }
         if let Some(log) = &self.console_log {
             let _ = state::remove_file_if_exists(log);
+            let _ = state::remove_file_if_exists(&console::rotated(log));
         }
         if owns_state {
             if let Err(e) = state.remove().await {
@@ -311,41 +321,18 @@ fn check_file(key: &'static str, path: &Path) -> Result<(), VmError> {
     }
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    match std::fs::read(path) {
-        Ok(data) => {
-            let text = String::from_utf8_lossy(&data);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(_) => String::new(),
-    }
-}
-
-fn console_suffix(path: &Path) -> String {
-    let t = tail(path, 15);
-    if t.trim().is_empty() {
-        String::new()
-    } else {
-        format!(
-            "\n--- guest console (last lines of {}) ---\n{t}",
-            path.display()
-        )
-    }
-}
-
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The machine every spinbox VM is: QEMU basics, machine and accelerator, CPU, memory, kernel
-/// + initrd with `kernel_cmdline`, the serial console into `console_log`, the firmware.
+/// + initrd with `kernel_cmdline`, the serial console (`serial`), the firmware.
 fn base_command_line(
     config: &Config,
     accel: AccelKind,
     vsock_kind: VsockKind,
     shares: bool,
-    console_log: &Path,
+    serial: cmdline::Serial,
     kernel_cmdline: String,
 ) -> QemuCommandLine {
     let paths = &config.paths;
@@ -370,9 +357,7 @@ fn base_command_line(
             initrd: paths.initrd.clone(),
             cmdline: kernel_cmdline,
         })
-        .push(cmdline::SerialToFile {
-            path: console_log.to_path_buf(),
-        });
+        .push(serial);
     if let Some(fw) = &paths.firmware {
         cmd.push(cmdline::Firmware { path: fw.clone() });
     }
@@ -396,7 +381,7 @@ pub fn floor_command_line(config: &Config, host: &HostCaps, console_log: &Path) 
         accel,
         vsock_kind,
         false,
-        console_log,
+        cmdline::Serial::File(console_log.to_path_buf()),
         kernel_cmdline,
     )
     .args()
@@ -432,10 +417,20 @@ pub fn boot_floor(
     console_log: &Path,
     timeout: Duration,
 ) -> Result<Duration, FloorError> {
+    boot_floor_with(config, &floor_command_line(config, host, console_log), timeout)
+}
+
+/// [`boot_floor`] with the given QEMU arguments (the benchmark's variants of the floor's
+/// command line).
+pub fn boot_floor_with(
+    config: &Config,
+    args: &[String],
+    timeout: Duration,
+) -> Result<Duration, FloorError> {
     let qemu = &config.paths.qemu;
     let started = Instant::now();
     let mut child = std::process::Command::new(qemu)
-        .args(floor_command_line(config, host, console_log))
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -603,25 +598,49 @@ impl Vm {
         let qmp_path = sockets.local("qmp.sock");
         let vsock_uds = sockets.local("vsock.sock");
 
-        std::fs::create_dir_all(&paths.log_dir).map_err(|source| VmError::StateDir {
-            path: paths.log_dir.clone(),
-            source,
-        })?;
+        state::create_private_dir_all(&paths.log_dir)
+            .await
+            .map_err(|source| VmError::StateDir {
+                path: paths.log_dir.clone(),
+                source,
+            })?;
         let console_log = paths.log_dir.join(format!("{id}.console.log"));
         let record_err = |source| VmError::StateDir {
             path: dir.clone(),
             source,
         };
-        // Recorded before it exists.
+        // Recorded before they exist: the log and its rotated predecessor.
         state
-            .update(|r| r.files.push(console_log.clone()))
+            .update(|r| {
+                r.files.push(console_log.clone());
+                r.files.push(console::rotated(&console_log));
+            })
             .await
             .map_err(record_err)?;
-        state::remove_file_if_exists(&console_log).map_err(|source| VmError::StateDir {
+        for f in [console_log.clone(), console::rotated(&console_log)] {
+            state::remove_file_if_exists(&f).map_err(|source| VmError::StateDir {
+                path: f.clone(),
+                source,
+            })?;
+        }
+        partial.console_log = Some(console_log.clone());
+        // The serial console: a socket pair, QEMU's end passed; ours copied into the log,
+        // bounded by vm.console_log_max_kib.
+        let (console_ours, console_qemu) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| VmError::StateDir {
+                path: console_log.clone(),
+                source,
+            })?;
+        let console = console::spawn(
+            console_ours,
+            console_log.clone(),
+            config.vm.console_log_max_kib.saturating_mul(1024),
+            spinbox_agent_api::READY_MARKER.as_bytes(),
+        )
+        .map_err(|source| VmError::StateDir {
             path: console_log.clone(),
             source,
         })?;
-        partial.console_log = Some(console_log.clone());
 
         // The vsock device and how the host reaches it.
         let mut vhost_fd: Option<OwnedFd> = None;
@@ -694,7 +713,7 @@ impl Vm {
             accel,
             vsock_kind,
             !options.shares.is_empty(),
-            &console_log,
+            cmdline::Serial::Fd(CONSOLE_FD),
             cmdline::guest_kernel_cmdline(config.vm.agent_port, &config.vm.kernel_args),
         );
         cmd.push(cmdline::QmpFd { fd: QMP_FD });
@@ -712,10 +731,16 @@ impl Vm {
                 read_only: disk.read_only,
             });
         }
-        let mut fds = vec![PassFd {
-            src: qmp_listener.as_raw_fd(),
-            dst: QMP_FD,
-        }];
+        let mut fds = vec![
+            PassFd {
+                src: qmp_listener.as_raw_fd(),
+                dst: QMP_FD,
+            },
+            PassFd {
+                src: console_qemu.as_raw_fd(),
+                dst: CONSOLE_FD,
+            },
+        ];
         for (i, nic) in options.nics.iter().enumerate() {
             let dst = FIRST_NIC_FD + i as i32;
             fds.push(PassFd {
@@ -793,7 +818,9 @@ impl Vm {
                 source,
             })?;
         let spawned_at = Instant::now();
-        let child = process::command(&paths.qemu, &args, fds)
+        let mut qemu_cmd = process::command(&paths.qemu, &args, fds);
+        process::without_capabilities(&mut qemu_cmd);
+        let child = qemu_cmd
             .current_dir(sockets.dir())
             .stdout(std::process::Stdio::null())
             .stderr(stderr_file)
@@ -815,7 +842,7 @@ impl Vm {
                     qemu_exit.wait_for(|s| s.is_some()),
                 )
                 .await;
-                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log).await);
             }
         };
         partial.qemu = Some((qemu_rec, qemu_exit.clone()));
@@ -826,6 +853,7 @@ impl Vm {
         // QEMU holds the listener and its port ends now; our copies are not needed.
         drop(qmp_listener);
         drop(qemu_port_ends);
+        drop(console_qemu);
 
         let qmp_stream = tokio::net::UnixStream::connect(&qmp_path)
             .await
@@ -836,7 +864,7 @@ impl Vm {
         let handshake = tokio::select! {
             r = Qmp::handshake(qmp_stream, timeouts.qmp_command) => r,
             _ = exited(qemu_exit.clone()) => {
-                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log).await);
             }
         };
         let qmp = match handshake {
@@ -847,7 +875,7 @@ impl Vm {
                     .await
                     .is_ok()
                 {
-                    return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+                    return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log).await);
                 }
                 return Err(e.into());
             }
@@ -859,10 +887,14 @@ impl Vm {
         let deadline = spawned_at + timeouts.vm_start;
         let port = config.vm.agent_port;
         let mut last_error = String::from("no attempt finished");
+        let mut ready = console.ready.clone();
         let marker = tokio::select! {
-            seen = wait_for_console_marker(&console_log, deadline, timeouts.task_client_retry) => seen,
+            seen = tokio::time::timeout_at(
+                deadline.into(),
+                async { ready.wait_for(|r| *r).await.is_ok() },
+            ) => seen.unwrap_or(false),
             _ = exited(qemu_exit.clone()) => {
-                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+                return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log).await);
             }
         };
         if !marker {
@@ -873,7 +905,7 @@ impl Vm {
                     "the agent never wrote {:?} to the console",
                     spinbox_agent_api::READY_MARKER
                 ),
-                console: console_suffix(&console_log),
+                console: console::suffix(&console_log).await,
             });
         }
         let (agent, health) = loop {
@@ -883,7 +915,7 @@ impl Vm {
                     port,
                     after: timeouts.vm_start,
                     last_error,
-                    console: console_suffix(&console_log),
+                    console: console::suffix(&console_log).await,
                 });
             }
             // The agent listens by now, so a CONNECT is answered at once; an attempt may still
@@ -892,7 +924,7 @@ impl Vm {
             let attempt = tokio::select! {
                 r = health_once(&transport, port, attempt_limit) => r,
                 _ = exited(qemu_exit.clone()) => {
-                    return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log));
+                    return Err(qemu_exited(&qemu_exit, &stderr_log, &console_log).await);
                 }
             };
             match attempt {
@@ -950,6 +982,7 @@ impl Vm {
             output_ports: std::sync::Mutex::new(output_ports),
             _vhost_fd: vhost_fd,
             _sockets: sockets,
+            _console: console,
         })
     }
 
@@ -1037,8 +1070,13 @@ impl Vm {
                 Err(e) => errors.push(format!("stopping a VM helper: {e}")),
             }
         }
-        if let Err(e) = state::remove_file_if_exists(&self.console_log) {
-            errors.push(format!("removing {}: {e}", self.console_log.display()));
+        for log in [
+            self.console_log.clone(),
+            console::rotated(&self.console_log),
+        ] {
+            if let Err(e) = state::remove_file_if_exists(&log) {
+                errors.push(format!("removing {}: {e}", log.display()));
+            }
         }
         if self.owns_state {
             if let Err(e) = self.state.remove().await {
@@ -1051,43 +1089,12 @@ impl Vm {
     }
 }
 
-/// Waits until the guest console holds the agent's ready line (polled every `interval`);
-/// false if `deadline` passes first.
-async fn wait_for_console_marker(path: &Path, deadline: Instant, interval: Duration) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let marker = spinbox_agent_api::READY_MARKER.as_bytes();
-    let mut offset = 0u64;
-    let mut window: Vec<u8> = Vec::new();
-    loop {
-        if let Ok(mut file) = tokio::fs::File::open(path).await {
-            let mut fresh = Vec::new();
-            if file.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
-                && file.read_to_end(&mut fresh).await.is_ok()
-            {
-                offset += fresh.len() as u64;
-                window.extend_from_slice(&fresh);
-                if window.windows(marker.len()).any(|w| w == marker) {
-                    return true;
-                }
-                // Keep only what could be the start of a marker split across reads.
-                let keep = window.len().min(marker.len() - 1);
-                window.drain(..window.len() - keep);
-            }
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::time::sleep(interval.min(deadline - now)).await;
-    }
-}
-
 /// Resolves once the watched process has exited.
 async fn exited(mut rx: watch::Receiver<Option<ExitStatus>>) {
     let _ = rx.wait_for(|s| s.is_some()).await;
 }
 
-fn qemu_exited(
+async fn qemu_exited(
     exit: &watch::Receiver<Option<ExitStatus>>,
     stderr_log: &Path,
     console_log: &Path,
@@ -1098,8 +1105,8 @@ fn qemu_exited(
     };
     VmError::QemuExited {
         status,
-        stderr: tail(stderr_log, 10).trim().to_owned(),
-        console: console_suffix(console_log),
+        stderr: tail(stderr_log, 10).await.trim().to_owned(),
+        console: console::suffix(console_log).await,
     }
 }
 
@@ -1121,38 +1128,5 @@ async fn health_once(
     match client.health(ctx, &HealthRequest::new()).await {
         Ok(h) => Ok((client, h)),
         Err(e) => Err(format!("health: {e}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-
-    use super::*;
-
-    #[tokio::test]
-    async fn console_marker_is_found_across_writes_and_times_out_without_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("console.log");
-        let writer = {
-            let log = log.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                std::fs::write(&log, b"[ 1.0] booting\nspinbox-agent-re").unwrap();
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                let mut all = std::fs::read(&log).unwrap();
-                all.extend_from_slice(b"ady port=1024\n");
-                std::fs::write(&log, all).unwrap();
-            })
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        assert!(wait_for_console_marker(&log, deadline, Duration::from_millis(5)).await);
-        writer.await.unwrap();
-
-        let quiet = dir.path().join("quiet.log");
-        std::fs::write(&quiet, b"spinbox-agent: ready on vsock port 1024\n").unwrap();
-        let started = Instant::now();
-        let deadline = started + Duration::from_millis(100);
-        assert!(!wait_for_console_marker(&quiet, deadline, Duration::from_millis(10)).await);
-        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }

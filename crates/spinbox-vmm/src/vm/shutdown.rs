@@ -82,7 +82,17 @@ impl Vm {
     /// report. Host resources stay until [`Vm::release`].
     pub async fn shutdown(&self) -> ShutdownReport {
         self.shutdown
-            .get_or_init(|| self.climb_ladder())
+            .get_or_init(|| self.climb_ladder(None))
+            .await
+            .clone()
+    }
+
+    /// Takes a guest that stopped answering down without asking it: QMP quit, then SIGKILL
+    /// (the ladder's last two steps). `why` is recorded as the escalation past the graceful
+    /// steps. Like [`Vm::shutdown`], it runs once: a shutdown already climbing is waited for.
+    pub async fn force_shutdown(&self, why: &str) -> ShutdownReport {
+        self.shutdown
+            .get_or_init(|| self.climb_ladder(Some(why)))
             .await
             .clone()
     }
@@ -92,9 +102,8 @@ impl Vm {
         self.qemu_gone()
     }
 
-    async fn climb_ladder(&self) -> ShutdownReport {
+    async fn climb_ladder(&self, forced: Option<&str>) -> ShutdownReport {
         let started = Instant::now();
-        let grace = self.config.timeouts.shutdown_grace;
         let qmp_wait = self.config.timeouts.qmp_command;
         let mut ladder = Ladder {
             vm: self,
@@ -122,6 +131,52 @@ impl Vm {
                 .await;
             return ladder.complete(ShutdownStep::AlreadyExited).await;
         }
+        if let Some(why) = forced {
+            ladder.report.graceful = false;
+            ladder
+                .push(ShutdownEvent::ShutdownInitiated {
+                    at_ms: 0,
+                    graceful: false,
+                })
+                .await;
+            ladder
+                .escalate(ShutdownStep::AgentPrepare, why.to_owned(), started)
+                .await;
+        } else if let Some(step) = self.graceful_steps(&mut ladder).await {
+            return ladder.complete(step).await;
+        }
+
+        // 4. QMP quit: QEMU stops at once, the guest gets no say.
+        ladder.report.graceful = false;
+        let step_start = Instant::now();
+        let reason = match self.qmp.execute("quit", None).await {
+            Ok(_) | Err(QmpError::Disconnected { .. }) => {
+                if self.wait_qemu_exit(qmp_wait).await {
+                    return ladder.complete(ShutdownStep::QmpQuit).await;
+                }
+                format!("QEMU still running {qmp_wait:?} after quit (timeouts.qmp_command)")
+            }
+            Err(e) => format!("quit failed: {e}"),
+        };
+        if self.qemu_gone() {
+            return ladder.complete(ShutdownStep::QmpQuit).await;
+        }
+        ladder
+            .escalate(ShutdownStep::QmpQuit, reason, step_start)
+            .await;
+
+        // 5. SIGKILL (works on a stopped process too).
+        let _ = self.qemu.signal(nix::sys::signal::Signal::SIGKILL);
+        if !self.wait_qemu_exit(Duration::from_secs(5)).await {
+            tracing::error!(vm = %self.id, pid = self.qemu.pid, "QEMU survived SIGKILL for 5s");
+        }
+        ladder.complete(ShutdownStep::Sigkill).await
+    }
+
+    /// The ladder's graceful steps (agent prepare, ctrl-alt-del, ACPI); the step that
+    /// powered the guest off, or `None` when it is still running after them.
+    async fn graceful_steps(&self, ladder: &mut Ladder<'_>) -> Option<ShutdownStep> {
+        let grace = self.config.timeouts.shutdown_grace;
         ladder
             .push(ShutdownEvent::ShutdownInitiated {
                 at_ms: 0,
@@ -163,13 +218,13 @@ impl Vm {
         ];
         for (step, command, args) in graceful_steps {
             if self.qemu_gone() {
-                return ladder.complete(step).await;
+                return Some(step);
             }
             let step_start = Instant::now();
             let reason = match self.qmp.execute(command, args).await {
                 Ok(_) => {
                     if self.wait_qemu_exit(grace).await {
-                        return ladder.complete(step).await;
+                        return Some(step);
                     }
                     format!(
                         "guest still running {grace:?} after {command} (timeouts.shutdown_grace)"
@@ -178,36 +233,12 @@ impl Vm {
                 Err(e) => format!("{command} failed: {e}"),
             };
             if self.qemu_gone() {
-                return ladder.complete(step).await;
+                return Some(step);
             }
             ladder.escalate(step, reason, step_start).await;
         }
 
-        // 4. QMP quit: QEMU stops at once, the guest gets no say.
-        ladder.report.graceful = false;
-        let step_start = Instant::now();
-        let reason = match self.qmp.execute("quit", None).await {
-            Ok(_) | Err(QmpError::Disconnected { .. }) => {
-                if self.wait_qemu_exit(qmp_wait).await {
-                    return ladder.complete(ShutdownStep::QmpQuit).await;
-                }
-                format!("QEMU still running {qmp_wait:?} after quit (timeouts.qmp_command)")
-            }
-            Err(e) => format!("quit failed: {e}"),
-        };
-        if self.qemu_gone() {
-            return ladder.complete(ShutdownStep::QmpQuit).await;
-        }
-        ladder
-            .escalate(ShutdownStep::QmpQuit, reason, step_start)
-            .await;
-
-        // 5. SIGKILL (works on a stopped process too).
-        let _ = self.qemu.signal(nix::sys::signal::Signal::SIGKILL);
-        if !self.wait_qemu_exit(Duration::from_secs(5)).await {
-            tracing::error!(vm = %self.id, pid = self.qemu.pid, "QEMU survived SIGKILL for 5s");
-        }
-        ladder.complete(ShutdownStep::Sigkill).await
+        None
     }
 }
 

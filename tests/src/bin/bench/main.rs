@@ -129,6 +129,43 @@ fn remove(ctr: &Ctr, id: &str) {
     let _ = ctr.run(&["containers", "rm", id], None);
 }
 
+/// What QEMU's confinement costs: the boot floor as spinbox runs QEMU (seccomp sandbox;
+/// `-sandbox …`) beside the same command line without it, alternating.
+fn confinement_row(config: &spinbox_config::Config, dir: &Path, runs: usize) -> Row {
+    eprintln!("bench: QEMU sandbox x{runs}");
+    let host = spinbox_vmm::accel::HostCaps::probe();
+    let sandboxed =
+        spinbox_vmm::floor_command_line(config, &host, &dir.join("floor-sandboxed.console.log"));
+    let mut open =
+        spinbox_vmm::floor_command_line(config, &host, &dir.join("floor-open.console.log"));
+    let at = open
+        .iter()
+        .position(|a| a == "-sandbox")
+        .expect("the floor's command line has -sandbox");
+    open.drain(at..at + 2);
+    let (mut with, mut without) = (Samples::default(), Samples::default());
+    let boot = |args: &[String]| {
+        spinbox_vmm::boot_floor_with(config, args, config.timeouts.vm_start)
+            .unwrap_or_else(|e| panic!("floor: {e}"))
+    };
+    for _ in 0..runs {
+        with.push(ms(boot(&sandboxed)));
+        without.push(ms(boot(&open)));
+    }
+    let ratio = with.median() / without.median();
+    Row {
+        what: "QEMU seccomp sandbox: boot floor with / without `-sandbox`".into(),
+        spinbox: with.show("ms"),
+        runc: "—".into(),
+        other: format!("without {}", without.show("ms")),
+        ratio: format!("{ratio:.2}"),
+        target: format!(
+            "≤ 1.05 (none expected): {}",
+            if ratio <= 1.05 { "holds" } else { "missed" }
+        ),
+    }
+}
+
 /// QEMU booting the same kernel and initrd on the same machine to an init that powers off at
 /// once.
 fn floor(config: &spinbox_config::Config, dir: &Path) -> Duration {
@@ -544,6 +581,7 @@ fn main() {
     });
 
     // Pods, through containerd's CRI plugin.
+    rows.push(confinement_row(&config, scratch.path(), runs));
     rows.extend(pod::rows(&ctr, &config, runs.min(3), scratch.path()));
 
     // The table.
