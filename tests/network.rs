@@ -3,7 +3,8 @@
 //! does (veth + address) mirrored into the VM, published ports, refusal of the host network,
 //! and nothing left after delete or after kill -9 of the shim. All traffic stays on the
 //! suite's bridge and in namespaces the tests made; each test ends with the leak check (which
-//! covers namespaces, nft rules and IP allocations).
+//! covers namespaces, nft rules and IP allocations). What the network phase refuses (the shim's
+//! own namespace, taken or privileged ports) is in network/guard.rs.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -13,6 +14,9 @@ use std::time::{Duration, Instant};
 use spinbox_tests::ctr::{Ctr, IMAGE, RUNTIME};
 use spinbox_tests::VM_TESTS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "network/guard.rs"]
+mod guard;
 
 const GATEWAY: &str = "10.87.250.1";
 const SUBNET_PREFIX: &str = "10.87.250.";

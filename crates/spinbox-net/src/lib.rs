@@ -12,10 +12,12 @@
 //! after a crash, from `shim delete` and `spinbox gc`.
 
 pub mod cni;
+mod guard;
 pub mod link;
 pub mod netns;
 pub mod nft;
 pub mod publish;
+mod release;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ use serde_json::{Map, Value};
 
 pub use link::{Interface, Route};
 pub use publish::PortMapping;
+pub use release::{release, release_recorded};
 
 /// The record file in a container's state directory.
 pub const RECORD_FILE: &str = "network.json";
@@ -82,6 +85,8 @@ pub struct Settings {
     pub nft_timeout: Duration,
     /// CNI mode: containers on the bridge reach the gateway and beyond, not each other.
     pub isolate: bool,
+    /// Host ports below 1024 may be published.
+    pub publish_privileged_ports: bool,
 }
 
 impl Settings {
@@ -99,6 +104,7 @@ impl Settings {
             nft: n.nft.clone(),
             nft_timeout: config.timeouts.nft,
             isolate: n.isolate,
+            publish_privileged_ports: n.publish_privileged_ports,
         }
     }
 }
@@ -247,6 +253,11 @@ async fn plan(settings: &Settings, req: &Request) -> Result<Plan, NetError> {
                 reason: "linux.namespaces network path is not a network namespace".into(),
             });
         }
+        // Mirroring and CNI both change the namespace: never the host's, never a VM's.
+        if settings.mode != Mode::None {
+            guard::check_not_own(p).await?;
+            guard::check_no_tap(p).await?;
+        }
     }
     let conflist_present = tokio::fs::try_exists(&settings.cni_conflist)
         .await
@@ -312,7 +323,13 @@ async fn setup_inner(
     req: &Request,
     record: &mut NetworkRecord,
 ) -> Result<Attached, NetError> {
-    let (netns, masquerade) = match plan(settings, req).await? {
+    guard::check_privileged(&req.publish, settings.publish_privileged_ports)?;
+    let plan = plan(settings, req).await?;
+    if !matches!(plan, Plan::None) && !req.publish.is_empty() {
+        // Early, so that a refusal leaves nothing; again under the lock before the rules.
+        check_ports(settings, req).await?;
+    }
+    let (netns, masquerade) = match plan {
         Plan::None => {
             if !req.publish.is_empty() {
                 return Err(NetError::Unsupported(format!(
@@ -365,6 +382,10 @@ async fn setup_inner(
         .enumerate()
         .map(|(i, iface)| (iface.name.clone(), format!("{}{i}", link::TAP_PREFIX)))
         .collect();
+    // Under the lock, no other create mirrors the namespace between the check and the TAPs;
+    // a refusal comes before the record names TAPs (a rollback would remove the other's).
+    let tap_lock = cni::HostLock::acquire(&settings.lock_file).await?;
+    guard::check_no_tap(&netns).await?;
     record.mirrored = pairs.clone();
     record.save(&req.record_path).await?;
     let plan_ifaces = ifaces.clone();
@@ -383,6 +404,7 @@ async fn setup_inner(
         Ok(taps)
     })
     .await?;
+    drop(tap_lock);
 
     if let Some(ip) = nft::first_v4(
         &ifaces
@@ -402,9 +424,12 @@ async fn setup_inner(
             }
         }
         if !rules.is_empty() {
+            let _lock = cni::HostLock::acquire(&settings.lock_file).await?;
+            if !req.publish.is_empty() {
+                check_ports(settings, req).await?;
+            }
             record.nft = true;
             record.save(&req.record_path).await?;
-            let _lock = cni::HostLock::acquire(&settings.lock_file).await?;
             nft_client(settings).add_rules(rules).await?;
         }
     } else if !req.publish.is_empty() {
@@ -433,14 +458,21 @@ async fn setup_inner(
     })
 }
 
-fn nft_client(settings: &Settings) -> nft::Nft {
+/// Refuses host ports other containers publish or host sockets are bound to.
+async fn check_ports(settings: &Settings, req: &Request) -> Result<(), NetError> {
+    let taken = nft_client(settings).published().await?;
+    guard::check_not_published(&req.publish, &taken, &req.id)?;
+    guard::check_not_bound(&req.publish).await
+}
+
+pub(crate) fn nft_client(settings: &Settings) -> nft::Nft {
     nft::Nft {
         binary: settings.nft.clone(),
         timeout: settings.nft_timeout,
     }
 }
 
-fn invoker(settings: &Settings) -> cni::Invoker {
+pub(crate) fn invoker(settings: &Settings) -> cni::Invoker {
     cni::Invoker {
         bin_dirs: settings.cni_bin_dirs.clone(),
         timeout: settings.cni_plugin_timeout,
@@ -526,85 +558,6 @@ async fn cni_add(
         }
     }
     Err(last.unwrap_or_else(|| NetError::Other("CNI ADD never ran".into())))
-}
-
-/// Undoes what `record` names, every step even if an earlier one failed: nft rules, the tc
-/// redirects and TAPs, CNI DEL, the namespace spinbox created. Returns the errors.
-pub async fn release(settings: &Settings, record: &NetworkRecord) -> Vec<String> {
-    let mut errors = Vec::new();
-    if record.is_empty() {
-        return errors;
-    }
-    if record.nft {
-        let _lock = cni::HostLock::acquire(&settings.lock_file).await;
-        if let Err(e) = nft_client(settings).remove_container(&record.id).await {
-            errors.push(e.to_string());
-        }
-    }
-    if let Some(ns) = record.netns.as_ref().filter(|p| netns::is_netns(p)) {
-        if !record.mirrored.is_empty() {
-            let pairs = record.mirrored.clone();
-            let r = netns::run_in(ns, move || async move {
-                let h = link::connect()?;
-                let mut errs = Vec::new();
-                for (iface, tap) in &pairs {
-                    if let Err(e) = link::remove_ingress(&h, iface).await {
-                        errs.push(e.to_string());
-                    }
-                    if let Err(e) = link::delete_link(&h, tap).await {
-                        errs.push(e.to_string());
-                    }
-                }
-                Ok(errs)
-            })
-            .await;
-            match r {
-                Ok(errs) => errors.extend(errs),
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-    }
-    if let Some(c) = &record.cni {
-        let del = async {
-            let bytes =
-                serde_json::to_vec(&c.conflist).map_err(|e| NetError::Other(e.to_string()))?;
-            let list = cni::ConfList::parse(&c.conflist_path, &bytes)?;
-            let _lock = cni::HostLock::acquire(&settings.lock_file).await?;
-            invoker(settings)
-                .del(&list, &c.attachment, c.result.as_ref(), &Map::new())
-                .await
-        };
-        if let Err(e) = del.await {
-            errors.push(e.to_string());
-        }
-    }
-    if record.netns_created {
-        if let Some(ns) = &record.netns {
-            if let Err(e) = netns::remove(ns).await {
-                errors.push(e.to_string());
-            }
-        }
-    }
-    errors
-}
-
-/// Releases what the record at `path` names, then removes the record if all went well.
-pub async fn release_recorded(settings: &Settings, path: &Path) -> Vec<String> {
-    match NetworkRecord::load(path).await {
-        Ok(None) => Vec::new(),
-        Ok(Some(record)) => {
-            let errors = release(settings, &record).await;
-            if errors.is_empty() {
-                if let Err(e) = tokio::fs::remove_file(path).await {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        return vec![format!("removing {}: {e}", path.display())];
-                    }
-                }
-            }
-            errors
-        }
-        Err(e) => vec![e.to_string()],
-    }
 }
 
 #[cfg(test)]

@@ -75,6 +75,18 @@ fn link_name(link: &LinkMessage) -> Option<String> {
     })
 }
 
+/// The names of every link of the namespace (TAPs, loopback and all).
+pub async fn link_names(handle: &Handle) -> Result<Vec<String>, NetError> {
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing links"))?;
+    Ok(links.iter().filter_map(link_name).collect())
+}
+
 /// The Ethernet interfaces the VM takes over: every one but loopback and spinbox's TAPs,
 /// with their IPv4 and global IPv6 addresses.
 pub async fn interfaces(handle: &Handle) -> Result<Vec<Interface>, NetError> {

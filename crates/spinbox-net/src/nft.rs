@@ -211,31 +211,46 @@ impl Nft {
         Ok(self.list_with_tables().await?.0)
     }
 
+    /// The spinbox table of `family` as `nft -j list` gives it; None when it does not exist.
+    async fn list_table(&self, family: &str) -> Result<Option<Value>, NetError> {
+        let out = match self
+            .run(&["-j", "list", "table", family, TABLE], None)
+            .await
+        {
+            Ok(o) => o,
+            Err(NetError::Nft { reason, .. }) if reason.contains("No such file or directory") => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        serde_json::from_slice(&out)
+            .map(Some)
+            .map_err(|e| NetError::Nft {
+                what: "parsing nft -j list output".into(),
+                reason: e.to_string(),
+            })
+    }
+
     /// The rules, and the families whose spinbox table exists.
     async fn list_with_tables(&self) -> Result<(Vec<ListedRule>, Vec<&'static str>), NetError> {
         let mut rules = Vec::new();
         let mut tables = Vec::new();
         for family in FAMILIES {
-            let out = match self
-                .run(&["-j", "list", "table", family, TABLE], None)
-                .await
-            {
-                Ok(o) => o,
-                Err(NetError::Nft { reason, .. })
-                    if reason.contains("No such file or directory") =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e),
-            };
-            let v: Value = serde_json::from_slice(&out).map_err(|e| NetError::Nft {
-                what: "parsing nft -j list output".into(),
-                reason: e.to_string(),
-            })?;
-            tables.push(family);
-            rules.extend(parse_rules(&v));
+            if let Some(v) = self.list_table(family).await? {
+                tables.push(family);
+                rules.extend(parse_rules(&v));
+            }
         }
         Ok((rules, tables))
+    }
+
+    /// The host ports the NAT table publishes now, whoever's rules they are.
+    pub async fn published(&self) -> Result<Vec<PublishedPort>, NetError> {
+        Ok(self
+            .list_table(FAMILY)
+            .await?
+            .map(|v| published_ports(&v))
+            .unwrap_or_default())
     }
 
     /// Removes every rule tagged for container `id`; none is not an error.
@@ -299,6 +314,72 @@ pub fn parse_rules(v: &Value) -> Vec<ListedRule> {
                 .unwrap_or_default()
                 .to_string(),
         });
+    }
+    out
+}
+
+/// A host port a rule of the NAT table publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedPort {
+    /// The container the rule is tagged for (its comment without `spinbox:`), or the whole
+    /// comment of a rule spinbox did not tag.
+    pub owner: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// The (protocol, destination port) matches of the DNAT rules in a listed `inet spinbox`
+/// table: the host ports published, deduplicated (prerouting and output carry each one).
+pub fn published_ports(v: &Value) -> Vec<PublishedPort> {
+    let mut out: Vec<PublishedPort> = Vec::new();
+    for item in v
+        .get("nftables")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(r) = item.get("rule") else { continue };
+        let Some(expr) = r.get("expr").and_then(Value::as_array) else {
+            continue;
+        };
+        if !expr.iter().any(|e| e.get("dnat").is_some()) {
+            continue;
+        }
+        let comment = r.get("comment").and_then(Value::as_str).unwrap_or_default();
+        let owner = comment
+            .strip_prefix("spinbox:")
+            .unwrap_or(comment)
+            .to_string();
+        for m in expr.iter().filter_map(|e| e.get("match")) {
+            let Some(payload) = m.get("left").and_then(|l| l.get("payload")) else {
+                continue;
+            };
+            if m.get("op").and_then(Value::as_str) != Some("==")
+                || payload.get("field").and_then(Value::as_str) != Some("dport")
+            {
+                continue;
+            }
+            let protocol = match payload.get("protocol").and_then(Value::as_str) {
+                Some("tcp") => Protocol::Tcp,
+                Some("udp") => Protocol::Udp,
+                _ => continue,
+            };
+            let Some(port) = m
+                .get("right")
+                .and_then(Value::as_u64)
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                continue;
+            };
+            let p = PublishedPort {
+                owner: owner.clone(),
+                protocol,
+                port,
+            };
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
     }
     out
 }
@@ -402,5 +483,65 @@ mod tests {
         assert_eq!(r[0].handle, 7);
         assert_eq!(r[0].comment, "spinbox:a");
         assert_eq!(r[1].comment, "");
+    }
+
+    #[test]
+    fn published_ports_come_from_the_dnat_rules() {
+        // As nft 1.0.6 lists what container_rules adds (plus a masquerade rule, no port).
+        let v: Value = serde_json::from_str(
+            r#"{"nftables":[{"metainfo":{}},
+            {"rule":{"family":"inet","table":"spinbox","chain":"prerouting","handle":2,"comment":"spinbox:a","expr":[
+              {"match":{"op":"==","left":{"fib":{"result":"type","flags":["daddr"]}},"right":"local"}},
+              {"match":{"op":"==","left":{"payload":{"protocol":"tcp","field":"dport"}},"right":18080}},
+              {"dnat":{"family":"ip","addr":"10.87.250.5","port":80}}]}},
+            {"rule":{"family":"inet","table":"spinbox","chain":"output","handle":3,"comment":"spinbox:a","expr":[
+              {"match":{"op":"==","left":{"fib":{"result":"type","flags":["daddr"]}},"right":"local"}},
+              {"match":{"op":"==","left":{"payload":{"protocol":"tcp","field":"dport"}},"right":18080}},
+              {"dnat":{"family":"ip","addr":"10.87.250.5","port":80}}]}},
+            {"rule":{"family":"inet","table":"spinbox","chain":"prerouting","handle":4,"comment":"spinbox:b","expr":[
+              {"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":5353}},
+              {"dnat":{"family":"ip","addr":"10.87.250.6","port":53}}]}},
+            {"rule":{"family":"inet","table":"spinbox","chain":"postrouting","handle":5,"comment":"spinbox:a","expr":[
+              {"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},"right":"10.87.250.5"}},
+              {"masquerade":null}]}}]}"#,
+        )
+        .unwrap();
+        let p = published_ports(&v);
+        assert_eq!(
+            p,
+            vec![
+                PublishedPort {
+                    owner: "a".into(),
+                    protocol: Protocol::Tcp,
+                    port: 18080
+                },
+                PublishedPort {
+                    owner: "b".into(),
+                    protocol: Protocol::Udp,
+                    port: 5353
+                },
+            ]
+        );
+        assert!(published_ports(&serde_json::json!({})).is_empty());
+        // What container_rules makes is what the parser finds (the JSON nft takes and gives).
+        let rules = container_rules(
+            "c",
+            "10.0.0.2".parse().unwrap(),
+            None,
+            &[PortMapping {
+                host_port: 8443,
+                container_port: 443,
+                protocol: Protocol::Tcp,
+            }],
+        );
+        let listed = json!({"nftables": rules.iter().map(|r| json!({"rule": r["add"]["rule"]})).collect::<Vec<_>>()});
+        assert_eq!(
+            published_ports(&listed),
+            vec![PublishedPort {
+                owner: "c".into(),
+                protocol: Protocol::Tcp,
+                port: 8443
+            }]
+        );
     }
 }

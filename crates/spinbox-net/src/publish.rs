@@ -14,11 +14,37 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {
     pub host_port: u16,
     pub container_port: u16,
     pub protocol: Protocol,
+}
+
+/// The annotation's entry form, `HOST:CONTAINER/PROTO`.
+impl std::fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}/{}",
+            self.host_port, self.container_port, self.protocol
+        )
+    }
 }
 
 /// Parses `HOST:CONTAINER[/tcp|udp]` entries separated by commas; the protocol defaults to
@@ -74,6 +100,8 @@ mod tests {
         assert_eq!(m[1].protocol, Protocol::Udp);
         assert_eq!(m[2].protocol, Protocol::Tcp);
         assert!(parse("").unwrap().is_empty());
+        assert_eq!(m[0].to_string(), "8080:80/tcp");
+        assert_eq!(m[1].to_string(), "5353:53/udp");
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn settings(mode: Mode, conflist: PathBuf, dir: &Path) -> Settings {
         nft: "nft".into(),
         nft_timeout: Duration::from_secs(5),
         isolate: false,
+        publish_privileged_ports: false,
     }
 }
 
