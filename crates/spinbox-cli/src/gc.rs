@@ -6,6 +6,12 @@
 //! directories and the state directory itself are reclaimed. A container data directory
 //! (`<paths.data_dir>/containers/<id>`) with no state directory is an orphan too (the state
 //! record is created before it and removed after it).
+//!
+//! Then (unless ids are named) the layer cache (`<paths.data_dir>/layers`) is collected:
+//! images whose source snapshot is gone, then the least recently used ones past
+//! `storage.layer_cache_max_mib` — never one that a VM has open or a shim holds (see
+//! `spinbox_storage`'s `collect.rs`). An image in use is listed as kept and collected by a
+//! later run. VMs are reclaimed first, so that the images of orphans are free by then.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -13,6 +19,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use spinbox_config::Config;
 use spinbox_vmm::state;
+
+/// How long `gc` waits for the layer cache lock (a create filling the cache) before it
+/// leaves the cache for a later run.
+const CACHE_WAIT: Duration = Duration::from_secs(60);
 
 /// A directory without a record younger than this may be a create between its mkdir and
 /// its first record write: left alone.
@@ -159,7 +169,65 @@ pub async fn run(config: &Config, dry_run: bool, only: &[String]) -> Result<usiz
             f.id, f.kind, status, procs
         );
     }
+    if only.is_empty() {
+        failures += collect_layers(config, dry_run).await;
+    }
     Ok(failures)
+}
+
+/// Collects the layer cache; prints a line per image chosen and a summary. Returns 1 when
+/// the collection failed.
+async fn collect_layers(config: &Config, dry_run: bool) -> usize {
+    let cache = spinbox_storage::LayerCache::new(config.paths.data_dir.join("layers"))
+        .with_limit_mib(config.storage.layer_cache_max_mib);
+    let opts = spinbox_storage::CollectOptions {
+        dry_run,
+        wait: CACHE_WAIT,
+    };
+    let report = match cache.collect(opts).await {
+        Ok(r) => r,
+        Err(e) => {
+            println!("layer cache {}: FAILED: {e}", cache.dir().display());
+            return 1;
+        }
+    };
+    if report.busy {
+        println!(
+            "layer cache {}: busy (a create is filling it), not collected",
+            cache.dir().display()
+        );
+        return 0;
+    }
+    for e in &report.entries {
+        println!(
+            "{:<24} {:<5} {:<12} {:<14} {} ({} KiB, source {})",
+            e.key,
+            "layer",
+            e.reason.to_string(),
+            "-",
+            e.action,
+            e.bytes / 1024,
+            e.source
+                .as_deref()
+                .map_or("unknown".into(), |p| p.display().to_string())
+        );
+    }
+    let limit = match cache.limit_bytes() {
+        0 => "unbounded".to_owned(),
+        b => format!("limit {} MiB", b / (1024 * 1024)),
+    };
+    println!(
+        "layer cache {}: {} image(s), {} KiB ({limit}){}",
+        cache.dir().display(),
+        report.kept,
+        report.bytes_after / 1024,
+        if report.over_limit_in_use {
+            "; over the limit with images in use"
+        } else {
+            ""
+        }
+    );
+    0
 }
 
 async fn reclaim(f: &Found, net: &spinbox_net::Settings) -> Result<()> {

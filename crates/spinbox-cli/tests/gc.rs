@@ -160,3 +160,101 @@ fn gc_reclaims_orphans_and_leaves_live_vms_alone() {
         c.wait().unwrap();
     }
 }
+
+fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+/// The layer cache: an image whose source snapshot is gone is removed, one that a container
+/// holds is kept (and removed by a later run once released), one whose source is there
+/// stays; with `storage.layer_cache_max_mib` the least recently used go first.
+#[tokio::test]
+async fn gc_collects_the_layer_cache() {
+    if !have("mkfs.erofs") {
+        eprintln!("skipped: mkfs.erofs not installed (make deps)");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let write_config = |max_mib: u64| {
+        let config = root.path().join(format!("config-{max_mib}.json"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"paths": {{"state_dir": "{}", "data_dir": "{}", "log_dir": "{}"}},
+                    "storage": {{"layer_cache_max_mib": {max_mib}}}}}"#,
+                root.path().join("state").display(),
+                data.display(),
+                root.path().join("log").display()
+            ),
+        )
+        .unwrap();
+        config
+    };
+    // Snapshot directories as containerd's overlayfs snapshotter lays them out.
+    let snapshot = |n: u32, mib: usize| {
+        let fs = root.path().join(format!("snapshots/{n}/fs"));
+        std::fs::create_dir_all(&fs).unwrap();
+        let bytes: Vec<u8> = (0..mib << 20).map(|i| (i % 251) as u8 ^ n as u8).collect();
+        std::fs::write(fs.join("blob"), bytes).unwrap();
+        fs
+    };
+    let cache = spinbox_storage::LayerCache::new(data.join("layers"));
+    let (kept, gone, held) = (snapshot(1, 1), snapshot(2, 1), snapshot(3, 1));
+    let key = |p: &Path| spinbox_storage::LayerCache::key(p).unwrap();
+    let (key_kept, key_gone, key_held) = (key(&kept), key(&gone), key(&held));
+    cache.get_or_build(&kept).await.unwrap();
+    cache.get_or_build(&gone).await.unwrap();
+    let lease = cache.lease(&held).await.unwrap();
+    std::fs::remove_dir_all(gone.parent().unwrap()).unwrap();
+    std::fs::remove_dir_all(held.parent().unwrap()).unwrap();
+    let image = |k: &str| data.join(format!("layers/{k}.erofs"));
+
+    let unbounded = write_config(0);
+    let (ok, out) = gc(&unbounded, &["--dry-run"]);
+    println!("{out}");
+    assert!(ok, "{out}");
+    assert!(line(&out, &key_gone).contains("would remove"), "{out}");
+    assert!(line(&out, &key_held).contains("kept: in use"), "{out}");
+    assert!(!out.contains(&key_kept), "{out}");
+    assert!(image(&key_gone).exists());
+
+    let (ok, out) = gc(&unbounded, &[]);
+    println!("{out}");
+    assert!(ok, "{out}");
+    assert!(line(&out, &key_gone).contains("source-gone"), "{out}");
+    assert!(line(&out, &key_gone).contains("removed"), "{out}");
+    assert!(!image(&key_gone).exists());
+    assert!(image(&key_held).exists() && image(&key_kept).exists());
+
+    // Released: the next run takes it.
+    drop(lease);
+    let (ok, out) = gc(&unbounded, &[]);
+    assert!(ok, "{out}");
+    assert!(line(&out, &key_held).contains("removed"), "{out}");
+    assert!(!image(&key_held).exists());
+
+    // Bounded to 2 MiB: three 1 MiB layers (a little over 1 MiB each as images) do not fit
+    // twice; the least recently used one goes first.
+    let (b, c) = (snapshot(4, 1), snapshot(5, 1));
+    cache.get_or_build(&b).await.unwrap();
+    cache.get_or_build(&c).await.unwrap();
+    cache.get_or_build(&kept).await.unwrap(); // used last
+    let (ok, out) = gc(&write_config(2), &[]);
+    println!("{out}");
+    assert!(ok, "{out}");
+    assert!(line(&out, &key(&b)).contains("over-limit"), "{out}");
+    assert!(!image(&key(&b)).exists());
+    assert!(image(&key(&kept)).exists());
+    let total: u64 = std::fs::read_dir(data.join("layers"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
+        .map(|e| {
+            use std::os::unix::fs::MetadataExt;
+            e.metadata().unwrap().blocks() * 512
+        })
+        .sum();
+    assert!(total <= 2 << 20, "cache holds {total} bytes");
+}

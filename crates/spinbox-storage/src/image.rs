@@ -4,6 +4,7 @@ use std::path::Path;
 
 use tokio::process::Command;
 
+use crate::private::{create_dir_all_private, create_file_private, tighten, FILE_MODE};
 use crate::StorageError;
 
 async fn run(tool: &'static str, cmd: &mut Command, path: &Path) -> Result<(), StorageError> {
@@ -27,10 +28,38 @@ async fn run(tool: &'static str, cmd: &mut Command, path: &Path) -> Result<(), S
     })
 }
 
-/// Packs `dir` into an EROFS image at `out` (uncompressed: the guest reads it at memory speed
-/// and TCG makes decompression expensive). Extended attributes are kept, so overlay whiteouts
-/// and opaque markers in a layer survive.
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Io {
+            what: "file task",
+            path: path.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+/// Creates `out` empty and 0600 for a tool to write into (mkfs.erofs and mkfs.ext4 both open
+/// an existing file without changing its mode).
+async fn precreate(out: &Path) -> Result<(), StorageError> {
+    let o = out.to_owned();
+    blocking(out, move || create_file_private(&o).map(drop)).await
+}
+
+/// Sets `out` to 0600 again after a tool wrote it.
+async fn owner_only(out: &Path) -> Result<(), StorageError> {
+    let o = out.to_owned();
+    blocking(out, move || tighten(&o, FILE_MODE)).await
+}
+
+/// Packs `dir` into an EROFS image at `out`, 0600 (uncompressed: the guest reads it at
+/// memory speed and TCG makes decompression expensive). Extended attributes are kept, so
+/// overlay whiteouts and opaque markers in a layer survive.
 pub async fn build_erofs(dir: &Path, out: &Path) -> Result<(), StorageError> {
+    precreate(out).await?;
     run(
         "mkfs.erofs",
         Command::new("mkfs.erofs")
@@ -40,12 +69,13 @@ pub async fn build_erofs(dir: &Path, out: &Path) -> Result<(), StorageError> {
             .arg(dir),
         dir,
     )
-    .await
+    .await?;
+    owner_only(out).await
 }
 
 /// Creates the container's writable layer: a sparse ext4 image of `size_mib` with `upper/`
 /// (seeded from `seed` when given) and `work/` at its root, as overlayfs wants them on one
-/// filesystem.
+/// filesystem. The image is 0600; the staging directory it is made from (0700) is removed.
 pub async fn build_upper_image(
     seed: Option<&Path>,
     out: &Path,
@@ -58,9 +88,9 @@ pub async fn build_upper_image(
         move |source| StorageError::Io { what, path, source }
     };
     let _ = tokio::fs::remove_dir_all(&staging).await;
-    tokio::fs::create_dir_all(staging.join("work"))
-        .await
-        .map_err(io("creating", &staging))?;
+    let work = staging.join("work");
+    let w = work.clone();
+    blocking(&work, move || create_dir_all_private(&w)).await?;
     match seed {
         Some(seed) => {
             // Copy the upperdir as it is (ownership, modes, xattrs, whiteouts).
@@ -79,6 +109,10 @@ pub async fn build_upper_image(
             .await
             .map_err(io("creating", &staging))?,
     }
+    if let Err(e) = precreate(out).await {
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        return Err(e);
+    }
     let result = run(
         "mkfs.ext4",
         Command::new("mkfs.ext4")
@@ -92,6 +126,10 @@ pub async fn build_upper_image(
     )
     .await;
     let _ = tokio::fs::remove_dir_all(&staging).await;
+    let result = match result {
+        Ok(()) => owner_only(out).await,
+        Err(e) => Err(e),
+    };
     if result.is_err() {
         let _ = tokio::fs::remove_file(out).await;
     }

@@ -14,10 +14,19 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 mod cache;
+mod collect;
 mod image;
+mod private;
 
-pub use cache::LayerCache;
+pub use cache::{EntryRecord, LayerCache, LayerImage, Lease};
+pub use collect::{image_in_use, Action, CollectOptions, CollectReport, Collected, Reason};
 pub use image::build_upper_image;
+pub use private::{prepare_data_dirs, DIR_MODE, FILE_MODE};
+
+/// How long a create waits for the layer cache lock before it leaves collection to the next
+/// create (the lock is busy only while another create fills the cache, and that create
+/// collects when it is done).
+pub const COLLECT_WAIT_AT_CREATE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -161,7 +170,23 @@ pub struct PreparedRootfs {
     /// How many layer images were found in the cache / built now.
     pub cache_hits: usize,
     pub cache_misses: usize,
+    /// The leases on the cached layer images this container uses: while this value (or a
+    /// clone) lives, collection leaves them alone. Not part of the value's identity.
+    #[serde(skip)]
+    pub leases: Leases,
 }
+
+/// Leases held by a [`PreparedRootfs`]; equal to any other (they are not data).
+#[derive(Debug, Clone, Default)]
+pub struct Leases(pub Vec<Lease>);
+
+impl PartialEq for Leases {
+    fn eq(&self, _: &Leases) -> bool {
+        true
+    }
+}
+
+impl Eq for Leases {}
 
 /// Options for [`prepare`].
 #[derive(Debug, Clone)]
@@ -213,12 +238,14 @@ pub async fn prepare(
     match source {
         RootfsSource::Overlay { lowers, upper } => {
             for layer in lowers {
-                let (image, hit) = opts.cache.get_or_build(layer).await?;
-                if hit {
+                let got = opts.cache.lease(layer).await?;
+                if got.hit {
                     out.cache_hits += 1;
                 } else {
                     out.cache_misses += 1;
                 }
+                out.leases.0.push(got.lease);
+                let image = got.path;
                 let serial = serial_layer(&image);
                 out.guest.lower_serials.push(serial.clone());
                 out.disks.push(Disk {
@@ -227,6 +254,8 @@ pub async fn prepare(
                     read_only: true,
                 });
             }
+            // This container's layers are leased: collect what is gone or over the bound.
+            collect_at_create(opts.cache).await;
             // A read-only root keeps its writable layer, as the snapshot does under runc: the
             // guest creates the spec's mount targets there, then makes the root read-only.
             if let Some(upper) = upper {
@@ -283,6 +312,40 @@ pub async fn prepare(
     }
     out.guest.read_only = opts.read_only;
     Ok(out)
+}
+
+/// The collection a create runs after it got its layers: failures and a busy lock are
+/// logged, never fatal (the next create or `spinbox gc` collects).
+async fn collect_at_create(cache: &LayerCache) {
+    let opts = CollectOptions {
+        dry_run: false,
+        wait: COLLECT_WAIT_AT_CREATE,
+    };
+    match cache.collect(opts).await {
+        Ok(r) if r.busy => {
+            tracing::info!(cache = %cache.dir().display(), "layer cache busy: not collected now")
+        }
+        Ok(r) => {
+            for e in &r.entries {
+                tracing::info!(
+                    key = %e.key,
+                    source = %e.source.as_deref().unwrap_or(Path::new("-")).display(),
+                    bytes = e.bytes,
+                    reason = %e.reason,
+                    action = %e.action,
+                    "layer cache collection"
+                );
+            }
+            if r.over_limit_in_use {
+                tracing::warn!(
+                    bytes = r.bytes_after,
+                    limit = cache.limit_bytes(),
+                    "layer cache over storage.layer_cache_max_mib: what is left is in use"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "layer cache collection failed"),
+    }
 }
 
 /// Removes what [`prepare`] created for the container (not the shared cache). Idempotent.

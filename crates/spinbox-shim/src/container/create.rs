@@ -294,7 +294,7 @@ impl Container {
         if share_vm_network {
             sandbox
                 .agent()
-                .configure_network(ctx(config.timeouts.vm_start), &network_config)
+                .configure_network(ctx(config.timeouts.agent_call), &network_config)
                 .await
                 .map_err(|e| failed(P::Network, agent_err("ConfigureNetwork", e)))?;
         }
@@ -447,13 +447,10 @@ async fn prepare_rootfs(
             source,
         })?;
     let _ = tokio::fs::remove_dir_all(work_dir).await;
-    tokio::fs::create_dir_all(work_dir)
-        .await
-        .map_err(|e| ContainerError::Bundle {
-            path: work_dir.to_owned(),
-            reason: format!("creating container data dir: {e}"),
-        })?;
-    let cache = LayerCache::new(config.paths.data_dir.join("layers"));
+    // data_dir and everything below it owner-only (0700 directories, 0600 images).
+    spinbox_storage::prepare_data_dirs(&config.paths.data_dir, work_dir).await?;
+    let cache = LayerCache::new(config.paths.data_dir.join("layers"))
+        .with_limit_mib(config.storage.layer_cache_max_mib);
     let tag = spinbox_storage::disk_tag(id);
     let prepared = spinbox_storage::prepare(
         source,
@@ -551,7 +548,7 @@ impl Container {
         };
         let created = match sandbox
             .agent()
-            .create_container(ctx(config.timeouts.vm_start), &req)
+            .create_container(ctx(config.timeouts.agent_call), &req)
             .await
         {
             Ok(c) => c,
