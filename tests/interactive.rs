@@ -6,78 +6,11 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use spinbox_tests::ctr::{Ctr, EventLog, IMAGE, RUNTIME};
+use spinbox_tests::ctr::{Ctr, Detached, EventLog, IMAGE, RUNTIME};
 use spinbox_tests::VM_TESTS;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// A detached container, killed and removed at the end (also when the test fails).
-struct Detached<'a> {
-    ctr: &'a Ctr,
-    id: String,
-}
-
-impl<'a> Detached<'a> {
-    async fn run(ctr: &'a Ctr, id: &str, extra: &[&str], cmd: &[&str]) -> Detached<'a> {
-        let mut args = vec!["run", "-d", "--runtime", RUNTIME];
-        args.extend_from_slice(extra);
-        args.push(IMAGE);
-        args.push(id);
-        args.extend_from_slice(cmd);
-        let out = ctr.run(&args, None);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ctr.task_line(id).is_some_and(|l| l.contains("RUNNING")) {
-            assert!(Instant::now() < deadline, "{id} never RUNNING");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Detached {
-            ctr,
-            id: id.to_owned(),
-        }
-    }
-
-    fn exec(&self, exec_id: &str, cmd: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
-        let mut args = vec!["task", "exec", "--exec-id", exec_id, self.id.as_str()];
-        args.extend_from_slice(cmd);
-        self.ctr.run(&args, stdin)
-    }
-}
-
-impl Drop for Detached<'_> {
-    fn drop(&mut self) {
-        let ctr = self.ctr;
-        if ctr.task_line(&self.id).is_some() {
-            let _ = ctr.run(&["task", "kill", "-s", "SIGKILL", &self.id], None);
-            for _ in 0..150 {
-                if ctr
-                    .task_line(&self.id)
-                    .is_none_or(|l| l.contains("STOPPED"))
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        // Removal may race containerd's own bookkeeping under load: retry, bounded.
-        for _ in 0..100 {
-            if ctr.task_line(&self.id).is_some() {
-                let _ = ctr.run(&["task", "rm", &self.id], None);
-            }
-            let out = ctr.run(&["containers", "rm", &self.id], None);
-            let listed = ctr.run(&["containers", "ls", "-q"], None);
-            if out.status.success()
-                || !String::from_utf8_lossy(&listed.stdout)
-                    .lines()
-                    .any(|l| l.trim() == self.id)
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
 }
 
 #[tokio::test]
@@ -88,6 +21,7 @@ async fn exec_runs_in_the_container_with_status_stdin_concurrency_and_events() {
     {
         let c = Detached::run(
             &ctr,
+            RUNTIME,
             "ix-exec",
             &[],
             &["sh", "-c", "echo init > /tmp/mark; exec sleep 300"],
@@ -233,7 +167,7 @@ async fn metrics_show_memory_growing_with_an_allocation() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
     {
-        let c = Detached::run(&ctr, "ix-metrics", &[], &["sleep", "300"]).await;
+        let c = Detached::run(&ctr, RUNTIME, "ix-metrics", &[], &["sleep", "300"]).await;
         let usage = || {
             let out = ctr.run(&["task", "metrics", "--format", "json", "ix-metrics"], None);
             assert!(out.status.success(), "{}", text(&out.stderr));
@@ -271,6 +205,7 @@ async fn oom_kill_in_the_guest_reaches_containerd() {
     {
         let _c = Detached::run(
             &ctr,
+            RUNTIME,
             "ix-oom",
             &["--memory-limit", "33554432"],
             &[
@@ -308,6 +243,7 @@ async fn pause_stops_a_counter_and_resume_lets_it_go_on() {
     {
         let _c = Detached::run(
             &ctr,
+            RUNTIME,
             "ix-pause",
             &["--log-uri", &log_uri],
             &[
@@ -359,7 +295,7 @@ async fn update_changes_the_cgroup_limit_and_refuses_more_than_the_vm_has() {
     let Some(ctr) = Ctr::from_env() else { return };
     let _serial = VM_TESTS.lock().await;
     {
-        let _c = Detached::run(&ctr, "ix-update", &[], &["sleep", "300"]).await;
+        let _c = Detached::run(&ctr, RUNTIME, "ix-update", &[], &["sleep", "300"]).await;
         let socket = ctr.shim_socket("default", "ix-update");
         let client = Client::connect(&format!("unix://{}", socket.display()))
             .await
@@ -655,7 +591,14 @@ async fn seccomp_profile_binds_init_and_exec_like_runc() {
         "without the profile the guest allows it"
     );
     {
-        let d = Detached::run(&ctr, "int-seccomp-exec", &["--seccomp"], &["sleep", "300"]).await;
+        let d = Detached::run(
+            &ctr,
+            RUNTIME,
+            "int-seccomp-exec",
+            &["--seccomp"],
+            &["sleep", "300"],
+        )
+        .await;
         let e = d.exec("probe", &probe, None);
         assert!(e.status.success(), "{}", text(&e.stderr));
         assert_eq!(text(&e.stdout), confined, "the exec is bound too");

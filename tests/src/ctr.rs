@@ -259,3 +259,80 @@ impl Drop for EventLog {
         let _ = self.child.wait();
     }
 }
+
+/// A detached container, killed and removed at the end (also when the test fails).
+pub struct Detached<'a> {
+    pub ctr: &'a Ctr,
+    pub id: String,
+}
+
+impl<'a> Detached<'a> {
+    pub async fn run(
+        ctr: &'a Ctr,
+        runtime: &str,
+        id: &str,
+        extra: &[&str],
+        cmd: &[&str],
+    ) -> Detached<'a> {
+        let mut args = vec!["run", "-d", "--runtime", runtime];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        let out = ctr.run(&args, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ctr.task_line(id).is_some_and(|l| l.contains("RUNNING")) {
+            assert!(Instant::now() < deadline, "{id} never RUNNING");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Detached {
+            ctr,
+            id: id.to_owned(),
+        }
+    }
+
+    pub fn exec(&self, exec_id: &str, cmd: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+        let mut args = vec!["task", "exec", "--exec-id", exec_id, self.id.as_str()];
+        args.extend_from_slice(cmd);
+        self.ctr.run(&args, stdin)
+    }
+}
+
+impl Drop for Detached<'_> {
+    fn drop(&mut self) {
+        let ctr = self.ctr;
+        if ctr.task_line(&self.id).is_some() {
+            let _ = ctr.run(&["task", "kill", "-s", "SIGKILL", &self.id], None);
+            for _ in 0..150 {
+                if ctr
+                    .task_line(&self.id)
+                    .is_none_or(|l| l.contains("STOPPED"))
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // Removal may race containerd's own bookkeeping under load: retry, bounded.
+        for _ in 0..100 {
+            if ctr.task_line(&self.id).is_some() {
+                let _ = ctr.run(&["task", "rm", &self.id], None);
+            }
+            let out = ctr.run(&["containers", "rm", &self.id], None);
+            let listed = ctr.run(&["containers", "ls", "-q"], None);
+            if out.status.success()
+                || !String::from_utf8_lossy(&listed.stdout)
+                    .lines()
+                    .any(|l| l.trim() == self.id)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

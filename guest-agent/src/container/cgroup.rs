@@ -107,6 +107,28 @@ pub fn limits(r: &Resources) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// The parts of `linux.resources` the guest does not apply, for the log: block I/O
+/// throttling and weights, hugepage limits, network classes and priorities, RDMA. An empty
+/// list or object (what CRI sends) asks for nothing.
+pub fn unapplied(r: &Resources) -> Vec<String> {
+    let asks = |v: &Option<serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(serde_json::Value::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    };
+    [
+        ("blockIO", &r.block_io),
+        ("hugepageLimits", &r.hugepage_limits),
+        ("network", &r.network),
+        ("rdma", &r.rdma),
+    ]
+    .into_iter()
+    .filter(|(_, v)| asks(v))
+    .map(|(name, _)| format!("linux.resources.{name} ignored: the guest does not apply it"))
+    .collect()
+}
+
 /// What the VM has, for checking limits against: memory hotplug and CPU hotplug are not
 /// supported, so a limit above these can never be met.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,6 +390,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unapplied_resources_are_named() {
+        let r: Resources = serde_json::from_str(
+            r#"{"devices": [{"allow": false, "access": "rwm"}], "hugepageLimits": [],
+                "blockIO": {"weight": 10}, "network": null, "rdma": {}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            unapplied(&r),
+            vec!["linux.resources.blockIO ignored: the guest does not apply it".to_string()]
+        );
+        assert!(unapplied(&Resources::default()).is_empty());
+    }
+
+    #[test]
     fn shares_to_weight() {
         assert_eq!(cpu_shares_to_weight(0), 0);
         assert_eq!(cpu_shares_to_weight(2), 1);
@@ -401,6 +437,7 @@ mod tests {
             }),
             pids: Some(Pids { limit: 0 }),
             unified: [("io.weight".to_string(), "50".to_string())].into(),
+            ..Default::default()
         };
         assert_eq!(
             limits(&r).unwrap(),

@@ -21,7 +21,6 @@ use std::fs::File;
 use std::io::Read as _;
 use std::os::fd::FromRawFd as _;
 use std::os::unix::ffi::OsStrExt as _;
-use std::os::unix::fs::{symlink, DirBuilderExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
@@ -30,8 +29,9 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{chdir, pivot_root, Gid, Uid};
 
 use super::launch::{EXEC_JOIN_NAMESPACES, FD_CONFIG, FD_INIT_PIDFD, FD_START, FD_STATUS};
-use super::spec::{DevicePlan, ExecConfig, InitConfig, MountPlan, ProcessConfig};
-use super::{caps, seccomp};
+use super::resolve::Root;
+use super::spec::{ExecConfig, InitConfig, ProcessConfig};
+use super::{caps, mounts, seccomp};
 
 /// PATH when the process environment has none (runc's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -218,10 +218,6 @@ fn reset_signals() {
     }
 }
 
-fn flags(bits: u64) -> MsFlags {
-    MsFlags::from_bits_retain(bits)
-}
-
 /// One step of container-init's setup of the container's root and namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -312,19 +308,22 @@ fn run_step(cfg: &InitConfig, root: &Path, step: Step) -> Result<()> {
         Step::LoopbackUp => loopback_up().context("bringing up lo")?,
         Step::Mount(i) => {
             let m = &cfg.mounts[i];
-            mount_one(root, m).with_context(|| {
+            mounts::mount_one(&Root::open(root)?, m).with_context(|| {
                 format!(
                     "mount {} ({}) on {}",
                     m.source,
-                    display_type(m),
+                    mounts::display_type(m),
                     m.destination
                 )
             })?;
         }
-        Step::PopulateDev => populate_dev(root).context("populating /dev")?,
+        Step::PopulateDev => {
+            mounts::populate_dev(&Root::open(root)?).context("populating /dev")?;
+        }
         Step::Device(i) => {
             let d = &cfg.devices[i];
-            make_device(root, d).with_context(|| format!("device {}", d.path))?;
+            mounts::make_device(&Root::open(root)?, d)
+                .with_context(|| format!("device {}", d.path))?;
         }
         Step::PivotRoot => {
             chdir(root).context("chdir to the rootfs")?;
@@ -421,221 +420,6 @@ fn setup_process(p: &ProcessConfig) -> Result<()> {
             seccomp::install(filter).context("installing linux.seccomp")?;
         }
     }
-    Ok(())
-}
-
-fn display_type(m: &MountPlan) -> &str {
-    if m.is_bind() {
-        "bind"
-    } else {
-        &m.fstype
-    }
-}
-
-/// `root` + an absolute container path, refusing to leave the root through symlinks.
-fn resolve_in_root(root: &Path, dest: &str) -> Result<PathBuf> {
-    let mut p = root.to_path_buf();
-    for comp in dest.split('/').filter(|c| !c.is_empty() && *c != ".") {
-        if comp == ".." {
-            bail!("{dest:?} contains \"..\"");
-        }
-        p.push(comp);
-        if let Ok(meta) = std::fs::symlink_metadata(&p) {
-            if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&p)?;
-                let resolved = if target.is_absolute() {
-                    root.join(target.strip_prefix("/").unwrap_or(&target))
-                } else {
-                    p.parent().unwrap_or(root).join(target)
-                };
-                let resolved = resolved.canonicalize().unwrap_or_else(|_| resolved.clone());
-                if !resolved.starts_with(root) {
-                    bail!("{dest:?} leaves the container root through a symlink");
-                }
-                p = resolved;
-            }
-        }
-    }
-    Ok(p)
-}
-
-fn mkdir_all(p: &Path, mode: u32) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(p)
-        .with_context(|| format!("mkdir {}", p.display()))
-}
-
-/// Creates the mount point: a file for a bind of a non-directory, else a directory.
-fn make_mount_point(target: &Path, file: bool) -> Result<()> {
-    if target.exists() {
-        return Ok(());
-    }
-    if file {
-        if let Some(parent) = target.parent() {
-            mkdir_all(parent, 0o755)?;
-        }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(target)
-            .with_context(|| format!("creating {}", target.display()))?;
-        Ok(())
-    } else {
-        mkdir_all(target, 0o755)
-    }
-}
-
-/// The error for a mount point that could not be created: on a read-only root (no writable
-/// layer) it says so.
-fn mount_point_error(e: anyhow::Error, destination: &str) -> anyhow::Error {
-    let read_only = e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(libc::EROFS))
-    });
-    if read_only {
-        e.context(format!(
-            "the container's root is read-only (no writable layer), so the mount destination \
-             {destination} missing from the image cannot be created"
-        ))
-    } else {
-        e
-    }
-}
-
-fn mount_one(root: &Path, m: &MountPlan) -> Result<()> {
-    let target = resolve_in_root(root, &m.destination)?;
-    let bits = flags(m.flags);
-    if m.is_bind() {
-        let source_is_dir = Path::new(&m.source).is_dir();
-        make_mount_point(&target, !source_is_dir)
-            .map_err(|e| mount_point_error(e, &m.destination))?;
-        mount(
-            Some(m.source.as_str()),
-            &target,
-            None::<&str>,
-            bits & (MsFlags::MS_BIND | MsFlags::MS_REC),
-            None::<&str>,
-        )?;
-        // Flags other than bind/rec need a remount of the bind.
-        let rest = bits & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
-        if !rest.is_empty() {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
-                None::<&str>,
-            )
-            .context("remounting the bind with its flags")?;
-        }
-    } else {
-        make_mount_point(&target, false).map_err(|e| mount_point_error(e, &m.destination))?;
-        let data = (!m.data.is_empty()).then_some(m.data.as_str());
-        mount(
-            Some(m.source.as_str()),
-            &target,
-            Some(m.fstype.as_str()),
-            bits,
-            data,
-        )?;
-    }
-    if m.propagation != 0 {
-        mount(
-            None::<&str>,
-            &target,
-            None::<&str>,
-            flags(m.propagation),
-            None::<&str>,
-        )
-        .context("setting propagation")?;
-    }
-    Ok(())
-}
-
-/// The standard device nodes, as runc makes them.
-const STD_DEVICES: &[(&str, u64, u64)] = &[
-    ("null", 1, 3),
-    ("zero", 1, 5),
-    ("full", 1, 7),
-    ("random", 1, 8),
-    ("urandom", 1, 9),
-    ("tty", 5, 0),
-];
-
-fn populate_dev(root: &Path) -> Result<()> {
-    let dev = resolve_in_root(root, "/dev")?;
-    for (name, major, minor) in STD_DEVICES {
-        make_node(&dev.join(name), libc::S_IFCHR, *major, *minor, 0o666, 0, 0)?;
-    }
-    for (link, target) in [
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-        ("ptmx", "pts/ptmx"),
-    ] {
-        match symlink(target, dev.join(link)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("symlink /dev/{link}")),
-        }
-    }
-    if Path::new("/proc/kcore").exists() {
-        let _ = symlink("/proc/kcore", dev.join("core"));
-    }
-    Ok(())
-}
-
-fn make_device(root: &Path, d: &DevicePlan) -> Result<()> {
-    let path = resolve_in_root(root, &d.path)?;
-    if let Some(parent) = path.parent() {
-        mkdir_all(parent, 0o755)?;
-    }
-    make_node(&path, d.kind, d.major, d.minor, d.mode, d.uid, d.gid)
-}
-
-/// mknod, or (where that is refused) a bind of the guest's node with the same name.
-fn make_node(
-    path: &Path,
-    kind: u32,
-    major: u64,
-    minor: u64,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-) -> Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    let _ = std::fs::remove_file(path);
-    // SAFETY: a NUL-terminated path, mode and device number.
-    let rc = unsafe {
-        libc::mknod(
-            c.as_ptr(),
-            kind | mode,
-            libc::makedev(major as u32, minor as u32),
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        let guest = Path::new("/dev").join(path.file_name().unwrap_or_default());
-        if err.raw_os_error() != Some(libc::EPERM) || !guest.exists() {
-            return Err(err).with_context(|| format!("mknod {}", path.display()));
-        }
-        make_mount_point(path, true)?;
-        mount(
-            Some(&guest),
-            path,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .with_context(|| format!("binding {} on {}", guest.display(), path.display()))?;
-        return Ok(());
-    }
-    nix::unistd::chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-        .with_context(|| format!("chown {}", path.display()))?;
     Ok(())
 }
 
@@ -880,6 +664,7 @@ fn exec(cfg: &ProcessConfig, exe: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::spec::MountPlan;
     use super::*;
 
     fn fake_fs(p: &Path) -> std::io::Result<()> {
@@ -1003,40 +788,5 @@ mod tests {
             .filter(|s| matches!(s, Step::Mount(_) | Step::PopulateDev | Step::Device(_)))
             .all(|s| at(*s) < at(Step::ReadonlyRoot)));
         assert!(!setup_steps(&init_config(false)).contains(&Step::ReadonlyRoot));
-    }
-
-    #[test]
-    fn a_mount_point_refused_by_a_read_only_root_says_so() {
-        let erofs = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EROFS))
-            .context("creating /r/etc/resolv.conf");
-        let e = format!("{:#}", mount_point_error(erofs, "/etc/resolv.conf"));
-        assert!(
-            e.contains("root is read-only") && e.contains("/etc/resolv.conf missing"),
-            "{e}"
-        );
-        let other = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOSPC));
-        let e = format!("{:#}", mount_point_error(other, "/etc/hosts"));
-        assert!(!e.contains("read-only"), "{e}");
-    }
-
-    #[test]
-    fn root_resolution_stays_inside() {
-        let dir = std::env::temp_dir().join(format!("spinbox-child-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("real")).unwrap();
-        symlink("/real", dir.join("abs")).unwrap();
-        symlink("../../..", dir.join("escape")).unwrap();
-        let root = dir.canonicalize().unwrap();
-        assert_eq!(
-            resolve_in_root(&root, "/abs/x").unwrap(),
-            root.join("real/x")
-        );
-        assert_eq!(
-            resolve_in_root(&root, "/plain/y").unwrap(),
-            root.join("plain/y")
-        );
-        assert!(resolve_in_root(&root, "/escape/z").is_err());
-        assert!(resolve_in_root(&root, "/a/../b").is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,12 +20,15 @@
 pub mod caps;
 pub mod cgroup;
 pub mod child;
+pub mod devices;
 pub mod exec;
 pub mod files;
 pub mod launch;
+pub mod mounts;
 pub mod ops;
 pub mod process;
 pub mod pty;
+pub mod resolve;
 pub mod rootfs;
 pub mod sandbox;
 pub mod seccomp;
@@ -397,6 +400,7 @@ impl Manager {
         let cgroup_dir = cgroup
             .open_dir()
             .map_err(|e| internal("cgroup", &format!("{e:#}")))?;
+        let device_cgroup = cgroup_dir.try_clone().map_err(|e| internal("cgroup", &e))?;
         rollback.cgroup = Some(cgroup);
 
         let io = |what: &'static str| move |e: std::io::Error| internal(what, &e);
@@ -449,6 +453,23 @@ impl Manager {
             Proc::kill_launched(launched).await;
             return Err(e);
         }
+        // The device rules bind from here on: container-init made the spec's nodes (as runc
+        // does before it sets the device rules) and waits for the start byte; every exec is
+        // born in this cgroup later.
+        let rules = plan.device_rules.clone();
+        let attached =
+            tokio::task::spawn_blocking(move || devices::attach(device_cgroup.as_fd(), &rules))
+                .await
+                .map_err(|e| anyhow::anyhow!("device program task: {e}"))
+                .and_then(|r| r);
+        if let Err(e) = attached {
+            Proc::kill_launched(launched).await;
+            return Err(RpcError::new(
+                Code::FAILED_PRECONDITION,
+                format!("container {id:?}: linux.resources.devices: {e:#}"),
+            ));
+        }
+        debug!("container {id}: device program attached");
         // Set up: wire stdio and the exit publisher. No bound on the output flush: the init's
         // exit ends the pid namespace, so every writer goes (in the sandbox's pid namespace
         // the agent kills the rest of the container instead, see kill_rest_on_init_exit).

@@ -604,6 +604,14 @@ impl Manager {
         let r: Resources = serde_json::from_slice(resources)
             .map_err(|e| invalid(format!("linux.resources: {e}")))?;
         let files = cgroup::limits(&r).map_err(|e| invalid(format!("linux.resources: {e:#}")))?;
+        if !r.devices.is_empty() {
+            // As runc's update: the device rules stay those of the create (containerd's CRI
+            // sends the whole resources object, devices included, with every update).
+            warning!("container {id}: update: linux.resources.devices left as created");
+        }
+        for w in cgroup::unapplied(&r) {
+            warning!("container {id}: update: {w}");
+        }
         if files.is_empty() {
             return Ok(());
         }

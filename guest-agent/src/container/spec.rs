@@ -117,6 +117,15 @@ pub struct Resources {
     pub cpu: Option<Cpu>,
     pub pids: Option<Pids>,
     pub unified: BTreeMap<String, String>,
+    /// Enforced by a device program on the container's cgroup ([`super::devices`]).
+    pub devices: Vec<super::devices::DeviceCgroup>,
+    /// Not applied: reported ([`cgroup::unapplied`]).
+    #[serde(rename = "blockIO")]
+    pub block_io: Option<serde_json::Value>,
+    #[serde(rename = "hugepageLimits")]
+    pub hugepage_limits: Option<serde_json::Value>,
+    pub network: Option<serde_json::Value>,
+    pub rdma: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,7 +207,8 @@ pub struct RlimitPlan {
     pub hard: u64,
 }
 
-/// Capability numbers per set. `None` in [`InitConfig::capabilities`] leaves the sets alone.
+/// Capability numbers per set. A spec without `capabilities` gets empty sets; `None` in
+/// [`ProcessConfig::capabilities`] (never from a spec) leaves the sets alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapsPlan {
     pub bounding: Vec<u8>,
@@ -282,6 +292,9 @@ pub struct ContainerPlan {
     pub uses_pod_shm: bool,
     /// cgroup v2 files to write in the container's cgroup, in order.
     pub cgroup_limits: Vec<(String, String)>,
+    /// `linux.resources.devices` and runc's always-allowed devices, for the device program
+    /// attached to the container's cgroup.
+    pub device_rules: Vec<super::devices::Rule>,
     /// Things that were ignored, for the log.
     pub warnings: Vec<String>,
 }
@@ -478,9 +491,19 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
     }
 
     let cgroup_limits = match &linux.resources {
-        Some(r) => cgroup::limits(r).context("linux.resources")?,
+        Some(r) => {
+            warnings.extend(cgroup::unapplied(r));
+            cgroup::limits(r).context("linux.resources")?
+        }
         None => Vec::new(),
     };
+    let device_rules = super::devices::rules(
+        linux
+            .resources
+            .as_ref()
+            .map(|r| r.devices.as_slice())
+            .unwrap_or_default(),
+    )?;
 
     let init = InitConfig {
         container_id: container_id.to_string(),
@@ -508,6 +531,7 @@ pub fn plan(container_id: &str, spec: &Spec, ctx: &PlanContext<'_>) -> Result<Co
         sandbox_namespaces,
         uses_pod_shm,
         cgroup_limits,
+        device_rules,
         warnings,
     })
 }
@@ -553,7 +577,10 @@ pub fn process_plan(process: &Process, warnings: &mut Vec<String>) -> Result<Pro
         });
     }
 
-    let capabilities = process.capabilities.as_ref().map(|c| {
+    // No `capabilities` (or a set left out): empty sets, as runc gives.
+    let no_caps = Capabilities::default();
+    let c = process.capabilities.as_ref().unwrap_or(&no_caps);
+    let capabilities = {
         let mut set = |names: &[String], which: &str| {
             let mut out = Vec::new();
             for name in names {
@@ -573,7 +600,7 @@ pub fn process_plan(process: &Process, warnings: &mut Vec<String>) -> Result<Pro
             inheritable: set(&c.inheritable, "inheritable"),
             ambient: set(&c.ambient, "ambient"),
         }
-    });
+    };
 
     Ok(ProcessConfig {
         args: process.args.clone(),
@@ -585,7 +612,7 @@ pub fn process_plan(process: &Process, warnings: &mut Vec<String>) -> Result<Pro
         umask: process.user.umask.unwrap_or(0o022),
         rlimits,
         no_new_privileges: process.no_new_privileges,
-        capabilities,
+        capabilities: Some(capabilities),
         oom_score_adj: process.oom_score_adj,
         terminal: process.terminal,
         // The container's, set by `plan` (and for an exec from its container).
@@ -928,9 +955,12 @@ mod tests {
             plan.init.readonly_root,
             "the host asked for a read-only root"
         );
-        assert!(plan.init.process.capabilities.is_none());
+        // No capabilities: empty sets (runc's CapEff 0), not the agent's.
+        assert_eq!(plan.init.process.capabilities, Some(CapsPlan::default()));
         assert!(!plan.init.populate_dev);
         assert!(plan.cgroup_limits.is_empty());
+        // No devices: default deny plus runc's always-allowed nodes.
+        assert_eq!(plan.device_rules, super::super::devices::RUNC_ALLOWED);
     }
 
     #[test]
@@ -1331,7 +1361,8 @@ mod tests {
 
         let p = parse_process(br#"{"args": ["true"]}"#, &mut warnings).unwrap();
         assert_eq!((p.cwd.as_str(), p.uid, p.umask), ("/", 0, 0o022));
-        assert!(!p.terminal && p.capabilities.is_none());
+        assert!(!p.terminal);
+        assert_eq!(p.capabilities, Some(CapsPlan::default()));
 
         let bad = |json: &str| {
             format!(
