@@ -21,7 +21,7 @@ pub mod vm;
 pub mod vsock;
 
 pub use vm::{
-    boot_floor, boot_floor_with, floor_command_line, BootInfo, DiskAttach, FloorError, NicAttach, ShareAttach,
-    ShutdownEvent, ShutdownReport, ShutdownStep, Vm, VmError, VmOptions, FLOOR_KERNEL_ARG,
-    MAX_NICS,
+    boot_floor, boot_floor_with, floor_command_line, BootInfo, DiskAttach, FloorError, NicAttach,
+    ShareAttach, ShutdownEvent, ShutdownReport, ShutdownStep, Vm, VmError, VmOptions,
+    FLOOR_KERNEL_ARG, MAX_NICS,
 };

@@ -417,7 +417,11 @@ pub fn boot_floor(
     console_log: &Path,
     timeout: Duration,
 ) -> Result<Duration, FloorError> {
-    boot_floor_with(config, &floor_command_line(config, host, console_log), timeout)
+    boot_floor_with(
+        config,
+        &floor_command_line(config, host, console_log),
+        timeout,
+    )
 }
 
 /// [`boot_floor`] with the given QEMU arguments (the benchmark's variants of the floor's
