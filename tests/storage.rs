@@ -6,7 +6,7 @@
 //! their own (busybox plus a marker file: a layer no other image has), which they remove
 //! from containerd to make their snapshots go.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -39,7 +39,8 @@ fn not_owner_only(root: &Path) -> Vec<String> {
             if mode != 0o600 {
                 bad.push(format!("{} file {mode:o}", p.display()));
             }
-        } else {
+        } else if !meta.file_type().is_socket() {
+            // Sockets (the VM's, in its 0700 state directory) aside.
             bad.push(format!("{} is neither a file nor a directory", p.display()));
         }
     }
@@ -226,6 +227,20 @@ async fn data_dir_and_everything_in_it_are_owner_only() {
     assert!(!cache(&data).is_empty(), "a cached layer");
     let bad = not_owner_only(&data);
     assert!(bad.is_empty(), "while running, not owner-only: {bad:#?}");
+    // The log directory (the console log) and the VM's state directory (records, the
+    // helpers' stderr) too.
+    let console = ctr
+        .spinbox_root
+        .join("log")
+        .join(format!("{id}.console.log"));
+    assert!(console.is_file(), "the console log");
+    for dir in [
+        ctr.spinbox_root.join("log"),
+        ctr.spinbox_root.join("state").join(id),
+    ] {
+        let bad = not_owner_only(&dir);
+        assert!(bad.is_empty(), "while running, not owner-only: {bad:#?}");
+    }
     stop(&ctr, id).await;
     let bad = not_owner_only(&data);
     assert!(bad.is_empty(), "after delete, not owner-only: {bad:#?}");

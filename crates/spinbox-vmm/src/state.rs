@@ -200,6 +200,18 @@ pub async fn create_dir(dir: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().mode(0o700).create(dir)
 }
 
+/// Creates (or truncates) `path` owner-only (0600), for a helper's stderr log.
+pub async fn create_private_file(path: &Path) -> io::Result<std::fs::File> {
+    let file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await?;
+    Ok(file.into_std().await)
+}
+
 /// Creates `dir` (and missing parents) owner-only, and makes an existing `dir` owner-only:
 /// the log directory holds every guest's console.
 pub async fn create_private_dir_all(dir: &Path) -> io::Result<()> {

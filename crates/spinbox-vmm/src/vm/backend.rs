@@ -135,7 +135,7 @@ pub(super) async fn start_backend(
     socket: &Path,
     limit: Duration,
 ) -> Result<Backend, (VmError, Option<Backend>)> {
-    let stderr_file = tokio::fs::File::create(&stderr_log)
+    let stderr_file = crate::state::create_private_file(&stderr_log)
         .await
         .map_err(|source| {
             (
@@ -145,9 +145,7 @@ pub(super) async fn start_backend(
                 },
                 None,
             )
-        })?
-        .into_std()
-        .await;
+        })?;
     let child = process::command(program, args, Vec::new())
         .current_dir(sockets.dir())
         .stdout(std::process::Stdio::null())

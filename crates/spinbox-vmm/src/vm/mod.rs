@@ -816,8 +816,9 @@ impl Vm {
         tracing::debug!(vm = id, qemu = %paths.qemu.display(), args = ?args, "spawning QEMU");
 
         let stderr_log = dir.join("qemu.stderr");
-        let stderr_file =
-            std::fs::File::create(&stderr_log).map_err(|source| VmError::StateDir {
+        let stderr_file = state::create_private_file(&stderr_log)
+            .await
+            .map_err(|source| VmError::StateDir {
                 path: stderr_log.clone(),
                 source,
             })?;
