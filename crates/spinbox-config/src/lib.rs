@@ -206,6 +206,12 @@ pub struct VmDefaults {
     /// Memory a pod's VM gets on top of what CRI says its containers may use (the sandbox's
     /// `io.kubernetes.cri.sandbox-memory`): the guest kernel, the agent, page cache.
     pub pod_memory_overhead_mib: u32,
+    /// The most vCPUs a VM is sized to: a workload asking more (its CPU quota, or a pod's) is
+    /// refused naming the limit.
+    pub max_vcpus: u32,
+    /// The most memory (MiB) a VM is sized to, its workload's limit and
+    /// `pod_memory_overhead_mib` together; a workload asking more is refused.
+    pub max_memory_mib: u32,
     /// Bound on the guest serial console log on the host: `<id>.console.log` plus its one
     /// rotated predecessor `<id>.console.log.1` together stay below it (each half of it).
     pub console_log_max_kib: u64,
@@ -279,6 +285,8 @@ impl Default for VmDefaults {
             output_ports: true,
             hotplug_slots: 16,
             pod_memory_overhead_mib: 128,
+            max_vcpus: 8,
+            max_memory_mib: 8192,
             console_log_max_kib: 1024,
         }
     }
@@ -393,6 +401,24 @@ impl Config {
                 format!(
                     "{} is above the {MAX_HOTPLUG_SLOTS} PCIe root ports a q35 root bus has room for",
                     vm.hotplug_slots
+                ),
+            ));
+        }
+        if vm.max_vcpus < vm.vcpus || vm.max_vcpus > 255 {
+            return Err((
+                "vm.max_vcpus",
+                format!(
+                    "{} is out of range vm.vcpus ({})..=255",
+                    vm.max_vcpus, vm.vcpus
+                ),
+            ));
+        }
+        if vm.max_memory_mib < vm.memory_mib {
+            return Err((
+                "vm.max_memory_mib",
+                format!(
+                    "{} MiB is below vm.memory_mib ({} MiB)",
+                    vm.max_memory_mib, vm.memory_mib
                 ),
             ));
         }

@@ -80,6 +80,8 @@ pub struct Bundle {
     pub files: Vec<FileCopy>,
     pub shares: Vec<Share>,
     pub pod: PodRole,
+    /// The spec's own CPU and memory limits (what a pod of one's VM is sized by).
+    pub limits: PodResources,
 }
 
 /// The network namespace `linux.namespaces` asks for.
@@ -138,8 +140,10 @@ pub async fn load_bundle(opts: &CreateOpts) -> Result<Bundle, ContainerError> {
     };
     let (files, shares) = crate::copies::plan(&parsed).await;
     let pod = PodRole::from_annotations(&parsed["annotations"]);
+    let limits = super::sizing::spec_limits(&parsed);
     Ok(Bundle {
         pod,
+        limits,
         spec,
         source,
         read_only,

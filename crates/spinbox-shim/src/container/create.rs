@@ -19,8 +19,9 @@ use spinbox_vmm::accel::HostCaps;
 use spinbox_vmm::state::StateDir;
 use spinbox_vmm::{NicAttach, ShareAttach, Vm, VmOptions};
 
-use super::bundle::{load_bundle, Bundle, PodResources, PodRole};
+use super::bundle::{load_bundle, Bundle, PodRole};
 use super::error::{agent_err, failed, ContainerError, CreatePhase as P};
+use super::sizing::{self, LimitsFrom};
 use super::timeline::Timeline;
 use super::{ctx, release_mounts, work_dir, Container, CreateOpts, Parts};
 use crate::cleanup::{Cleanup, Phase};
@@ -65,24 +66,6 @@ impl Acquired {
             tracing::warn!(id, errors = %report.summary(), "rollback of a failed create is incomplete");
         }
     }
-}
-
-/// The VM's vCPUs and memory for a pod: the config's defaults, raised to what CRI says the
-/// whole pod may use (its CPU quota rounded up to whole vCPUs; its memory plus
-/// `vm.pod_memory_overhead_mib` for the guest kernel and agent).
-pub fn pod_vm_size(config: &Config, pod: &PodResources) -> (u32, u32) {
-    let mut vcpus = config.vm.vcpus;
-    if let (Some(quota), Some(period)) = (pod.cpu_quota, pod.cpu_period) {
-        let quota = u64::try_from(quota).unwrap_or(0);
-        let wanted = quota.div_ceil(period.max(1));
-        vcpus = vcpus.max(u32::try_from(wanted).unwrap_or(u32::MAX).min(255));
-    }
-    let mut memory_mib = config.vm.memory_mib;
-    if let Some(bytes) = pod.memory_bytes {
-        let wanted = bytes.div_ceil(1 << 20) + u64::from(config.vm.pod_memory_overhead_mib);
-        memory_mib = memory_mib.max(u32::try_from(wanted).unwrap_or(u32::MAX));
-    }
-    (vcpus, memory_mib)
 }
 
 impl Container {
@@ -137,6 +120,18 @@ impl Container {
         bundle: Bundle,
         mut timeline: Timeline,
     ) -> Result<Container, ContainerError> {
+        // The VM's size from its workload, before anything exists: a refusal leaves nothing.
+        let (limits, from) = match &bundle.pod {
+            PodRole::Sandbox { resources } => (*resources, LimitsFrom::SandboxAnnotations),
+            _ => (bundle.limits, LimitsFrom::Spec),
+        };
+        let (vcpus, memory_mib) =
+            sizing::vm_size(config, &limits, from).map_err(|e| failed(P::Validate, e))?;
+        let mut vm_config = config.clone();
+        (vm_config.vm.vcpus, vm_config.vm.memory_mib) = (vcpus, memory_mib);
+        if (vcpus, memory_mib) != (config.vm.vcpus, config.vm.memory_mib) {
+            tracing::info!(id = %opts.id, vcpus, memory_mib, from = ?from, "VM sized by its workload's limits");
+        }
         // The record first: everything after it is written there before it exists.
         let state_path = config.paths.state_dir.join(&opts.id);
         let state = StateDir::create(&config.paths.state_dir, &opts.id)
@@ -160,7 +155,7 @@ impl Container {
             network: spinbox_net::Settings::from_config(config),
         };
         timeline.mark("state");
-        match Container::boot_in(opts, config, bundle, &mut acquired, timeline).await {
+        match Container::boot_in(opts, config, &vm_config, bundle, &mut acquired, timeline).await {
             Ok(c) => Ok(c),
             Err(e) => {
                 tracing::warn!(error = %e, "create failed; rolling back");
@@ -173,6 +168,7 @@ impl Container {
     async fn boot_in(
         opts: CreateOpts,
         config: &Config,
+        vm_config: &Config,
         bundle: Bundle,
         acquired: &mut Acquired,
         mut timeline: Timeline,
@@ -186,6 +182,7 @@ impl Container {
             files,
             shares,
             pod,
+            limits: _,
         } = bundle;
         let state = Arc::clone(&acquired.state);
         let work_dir = acquired.work_dir.clone();
@@ -230,18 +227,10 @@ impl Container {
                 "network ready"
             );
         }
-        // A pod's VM is sized for the whole pod and keeps root ports for its members' disks.
-        let (hotplug_ports, vm_config) = match &pod {
-            PodRole::Sandbox { resources } => {
-                let mut sized = config.clone();
-                (sized.vm.vcpus, sized.vm.memory_mib) = pod_vm_size(config, resources);
-                if (sized.vm.vcpus, sized.vm.memory_mib) != (config.vm.vcpus, config.vm.memory_mib)
-                {
-                    tracing::info!(id = %opts.id, vcpus = sized.vm.vcpus, memory_mib = sized.vm.memory_mib, "pod VM sized by its sandbox's resources");
-                }
-                (config.vm.hotplug_slots, sized)
-            }
-            _ => (0, config.clone()),
+        // A pod's VM keeps root ports for its members' disks.
+        let hotplug_ports = match &pod {
+            PodRole::Sandbox { .. } => config.vm.hotplug_slots,
+            _ => 0,
         };
         let vm_options = VmOptions {
             shares: shares
@@ -268,7 +257,7 @@ impl Container {
         let vm = Vm::start_in(
             Arc::clone(&state),
             false,
-            &vm_config,
+            vm_config,
             &vm_options,
             &HostCaps::probe(),
         )
@@ -608,36 +597,5 @@ impl Container {
             rootfs,
             config,
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pod_vm_is_sized_by_its_sandbox_resources() {
-        let config = Config::default();
-        let (d_cpus, d_mib) = (config.vm.vcpus, config.vm.memory_mib);
-        assert_eq!(
-            pod_vm_size(&config, &PodResources::default()),
-            (d_cpus, d_mib)
-        );
-        // 1.5 CPUs round up to 2; 1 GiB plus the overhead.
-        let pod = PodResources {
-            memory_bytes: Some(1 << 30),
-            cpu_quota: Some(150_000),
-            cpu_period: Some(100_000),
-        };
-        let (cpus, mib) = pod_vm_size(&config, &pod);
-        assert_eq!(cpus, d_cpus.max(2));
-        assert_eq!(mib, 1024 + config.vm.pod_memory_overhead_mib);
-        // Less than the defaults never shrinks the VM below them.
-        let small = PodResources {
-            memory_bytes: Some(1 << 20),
-            cpu_quota: Some(10_000),
-            cpu_period: Some(100_000),
-        };
-        assert_eq!(pod_vm_size(&config, &small), (d_cpus, d_mib));
     }
 }

@@ -15,6 +15,7 @@ mod bundle;
 mod create;
 mod error;
 mod kill;
+mod sizing;
 mod timeline;
 
 use std::collections::HashMap;
