@@ -76,3 +76,63 @@ async fn a_vm_is_sized_by_its_containers_limits_and_refused_above_the_maxima() {
     ctr.assert_clean();
     ctr.assert_no_shim_sockets(&["sz-limits", "sz-default", "sz-memory", "sz-cpus"]);
 }
+
+/// Update through the shim's task API (as CRI's UpdateContainerResources reaches it): a CPU
+/// quota asking more vCPUs than the VM has hot-plugs them into the running VM, the guest
+/// brings them online; more than `vm.max_vcpus` is refused naming it.
+#[tokio::test]
+async fn an_update_of_the_cpu_quota_hot_plugs_vcpus_into_the_running_vm() {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::MessageField;
+    use containerd_shim_protos::shim_async::{Client, TaskClient};
+    use spinbox_tests::ctr::Detached;
+
+    let Some(ctr) = Ctr::from_env() else { return };
+    let _serial = VM_TESTS.lock().await;
+    let id = "sz-update";
+    {
+        let c = Detached::run(&ctr, RUNTIME, id, &[], &["sleep", "300"]).await;
+        let probe = |exec: &str, script: &str| {
+            let out = c.exec(exec, &["sh", "-c", script], None);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            text(&out.stdout)
+        };
+        assert_eq!(probe("before", "nproc"), "1\n", "one vCPU at boot");
+        let socket = ctr.shim_socket("default", id);
+        let client = Client::connect(&format!("unix://{}", socket.display()))
+            .await
+            .expect("shim socket");
+        let task = TaskClient::new(client);
+        let update = |quota: u64| {
+            let mut any = Any::new();
+            any.type_url =
+                "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
+            any.value = serde_json::to_vec(&serde_json::json!({
+                "cpu": {"quota": quota, "period": 100000}
+            }))
+            .unwrap();
+            let mut req = UpdateTaskRequest::new();
+            req.id = id.into();
+            req.resources = MessageField::some(any);
+            req
+        };
+        let ctx = || ttrpc::context::with_timeout(30_000_000_000);
+        let started = std::time::Instant::now();
+        task.update(ctx(), &update(200_000))
+            .await
+            .expect("an update to 2 CPUs");
+        println!(
+            "Update to 2 CPUs (hot-plug + online + cgroup): {} ms",
+            started.elapsed().as_millis()
+        );
+        let after = probe("after", "nproc");
+        assert_eq!(after, "2\n", "two vCPUs after the update");
+        let err = task
+            .update(ctx(), &update(1_600_000))
+            .await
+            .expect_err("16 CPUs, beyond vm.max_vcpus");
+        assert!(err.to_string().contains("vm.max_vcpus"), "{err}");
+    }
+    ctr.assert_clean();
+}

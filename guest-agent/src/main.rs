@@ -10,6 +10,7 @@
 
 mod cmdline;
 mod container;
+mod cpus;
 mod init;
 mod input;
 mod log;

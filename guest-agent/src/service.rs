@@ -5,9 +5,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use spinbox_agent_api::agent::{
     CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest, HealthRequest,
-    HealthResponse, ListPidsResponse, NetworkConfig, OomEvent, PrepareShutdownRequest,
-    PrepareShutdownResponse, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
-    StartProcessResponse, StatsResponse, UpdateContainerRequest, WaitProcessResponse,
+    HealthResponse, ListPidsResponse, NetworkConfig, OnlineCpusResponse, OomEvent,
+    PrepareShutdownRequest, PrepareShutdownResponse, ProcessRequest, ResizePtyRequest,
+    SignalProcessRequest, StartProcessResponse, StatsResponse, UpdateContainerRequest,
+    WaitProcessResponse,
 };
 use spinbox_agent_api::agent_ttrpc::{create_agent, Agent};
 use ttrpc::r#async::{Service, TtrpcContext};
@@ -226,6 +227,27 @@ impl Agent for AgentService {
             .update(&req.container_id, &req.resources)
             .await?;
         Ok(Empty::default())
+    }
+
+    async fn online_cpus(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: Empty,
+    ) -> ttrpc::Result<OnlineCpusResponse> {
+        let failed = |e: String| {
+            ttrpc::Error::from(crate::container::RpcError::new(
+                ttrpc::Code::INTERNAL,
+                format!("onlining CPUs: {e}"),
+            ))
+        };
+        let online = tokio::task::spawn_blocking(crate::cpus::online_all)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(OnlineCpusResponse {
+            online,
+            ..Default::default()
+        })
     }
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {

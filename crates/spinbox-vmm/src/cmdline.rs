@@ -88,11 +88,18 @@ impl QemuArg for Cpu {
 #[derive(Debug, Clone)]
 pub struct Smp {
     pub vcpus: u32,
+    /// Room to grow: vCPUs that can be hot-plugged later (`maxcpus`), at least `vcpus`.
+    pub max_vcpus: u32,
 }
 
 impl QemuArg for Smp {
     fn to_args(&self) -> Vec<String> {
-        vec!["-smp".into(), self.vcpus.to_string()]
+        let smp = if self.max_vcpus > self.vcpus {
+            format!("{},maxcpus={}", self.vcpus, self.max_vcpus)
+        } else {
+            self.vcpus.to_string()
+        };
+        vec!["-smp".into(), smp]
     }
 }
 
@@ -489,7 +496,10 @@ mod tests {
                 memory_backend: "mem".into(),
             })
             .push(Cpu { accel })
-            .push(Smp { vcpus: 2 })
+            .push(Smp {
+                vcpus: 2,
+                max_vcpus: 2,
+            })
             .push(Memory {
                 id: "mem".into(),
                 mib: 512,

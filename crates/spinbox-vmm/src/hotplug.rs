@@ -39,6 +39,66 @@ pub enum HotplugError {
     },
     #[error("unplugging disk {node}: the guest did not release it within {after:?}")]
     UnplugTimeout { node: String, after: Duration },
+    #[error("hot-plugging vCPUs: {step}: {source}")]
+    Vcpu {
+        step: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("hot-plugging vCPUs: {0}")]
+    VcpuSlots(String),
+}
+
+/// Plugs vCPUs until the VM has `target` (bounded by the `maxcpus` it booted with): each free
+/// slot `query-hotpluggable-cpus` lists gets a `device_add` of the CPU type it names, with its
+/// socket/core/thread ids as given. Returns how many the VM has then. The guest registers
+/// them offline: the agent brings them online (OnlineCpus).
+pub async fn plug_vcpus(qmp: &Qmp, target: u32) -> Result<u32, HotplugError> {
+    let slots = qmp
+        .execute("query-hotpluggable-cpus", None)
+        .await
+        .map_err(|source| HotplugError::Vcpu {
+            step: "query-hotpluggable-cpus",
+            source,
+        })?;
+    let slots = slots.as_array().cloned().unwrap_or_default();
+    let present = slots.iter().filter(|c| c.get("qom-path").is_some()).count();
+    let mut have = u32::try_from(present).unwrap_or(u32::MAX);
+    if have >= target {
+        return Ok(have);
+    }
+    // Free slots, lowest socket/core first (QEMU lists them highest first).
+    let mut free: Vec<&serde_json::Value> = slots
+        .iter()
+        .filter(|c| c.get("qom-path").is_none())
+        .collect();
+    free.reverse();
+    for slot in free {
+        if have >= target {
+            break;
+        }
+        let (Some(driver), Some(props)) = (slot["type"].as_str(), slot["props"].as_object()) else {
+            return Err(HotplugError::VcpuSlots(format!(
+                "an unexpected slot from query-hotpluggable-cpus: {slot}"
+            )));
+        };
+        let mut args = props.clone();
+        args.insert("driver".into(), json!(driver));
+        args.insert("id".into(), json!(format!("vcpu{have}")));
+        qmp.execute("device_add", Some(serde_json::Value::Object(args)))
+            .await
+            .map_err(|source| HotplugError::Vcpu {
+                step: "device_add",
+                source,
+            })?;
+        have += 1;
+    }
+    if have < target {
+        return Err(HotplugError::VcpuSlots(format!(
+            "{target} wanted, the VM has room for {have} (its maxcpus)"
+        )));
+    }
+    Ok(have)
 }
 
 /// Plugs `disk` into root port `port` as block node and device `node` (also the QMP id).

@@ -448,9 +448,17 @@ impl Container {
         Ok(())
     }
 
-    /// New cgroup limits (OCI linux.resources as JSON), applied in the guest.
+    /// New cgroup limits (OCI linux.resources as JSON), applied in the guest. A CPU quota
+    /// that asks more vCPUs than the VM has grows the VM first (hot-plugged vCPUs, up to
+    /// `vm.max_vcpus`); the VM never shrinks here.
     pub async fn update(&self, resources_json: Vec<u8>) -> Result<(), ContainerError> {
         self.running_vm()?;
+        if let Ok(resources) = serde_json::from_slice::<serde_json::Value>(&resources_json) {
+            if let Some(vcpus) = sizing::vcpus_for(&sizing::resources_limits(&resources)) {
+                let why = format!("Update of {}: linux.resources.cpu quota/period", self.id);
+                self.sandbox.grow_vcpus(vcpus, &why).await?;
+            }
+        }
         let req = spinbox_agent_api::agent::UpdateContainerRequest {
             container_id: self.id.clone(),
             resources: resources_json,

@@ -75,7 +75,18 @@ pub fn vm_size(
 
 /// The limits a spec's `linux.resources` sets (a negative quota or a zero limit: none).
 pub fn spec_limits(spec: &serde_json::Value) -> PodResources {
-    let r = &spec["linux"]["resources"];
+    resources_limits(&spec["linux"]["resources"])
+}
+
+/// The vCPUs a CPU quota asks for (rounded up), if it sets one.
+pub fn vcpus_for(limits: &PodResources) -> Option<u32> {
+    let (quota, period) = (limits.cpu_quota?, limits.cpu_period?);
+    let wanted = u64::try_from(quota).ok()?.div_ceil(period.max(1));
+    Some(u32::try_from(wanted).unwrap_or(u32::MAX))
+}
+
+/// The limits an OCI `LinuxResources` object sets (what Update carries).
+pub fn resources_limits(r: &serde_json::Value) -> PodResources {
     PodResources {
         memory_bytes: r["memory"]["limit"]
             .as_i64()

@@ -345,6 +345,7 @@ fn base_command_line(
         .push(cmdline::Cpu { accel })
         .push(cmdline::Smp {
             vcpus: config.vm.vcpus,
+            max_vcpus: config.vm.max_vcpus.max(config.vm.vcpus),
         })
         .push(cmdline::Memory {
             id: "mem".into(),

@@ -129,6 +129,41 @@ fn remove(ctr: &Ctr, id: &str) {
     let _ = ctr.run(&["containers", "rm", id], None);
 }
 
+/// Two boot floors alternating, `with` as spinbox boots QEMU and `without` one thing of it:
+/// (medians and spreads of each).
+fn floor_pair(
+    config: &spinbox_config::Config,
+    with: &[String],
+    without: &[String],
+    runs: usize,
+) -> (Samples, Samples) {
+    let boot = |args: &[String]| {
+        spinbox_vmm::boot_floor_with(config, args, config.timeouts.vm_start)
+            .unwrap_or_else(|e| panic!("floor: {e}"))
+    };
+    let (mut a, mut b) = (Samples::default(), Samples::default());
+    for _ in 0..runs {
+        a.push(ms(boot(with)));
+        b.push(ms(boot(without)));
+    }
+    (a, b)
+}
+
+fn ratio_row(what: &str, with: &Samples, without: &Samples, bound: f64) -> Row {
+    let ratio = with.median() / without.median();
+    Row {
+        what: what.into(),
+        spinbox: with.show("ms"),
+        runc: "—".into(),
+        other: format!("without {}", without.show("ms")),
+        ratio: format!("{ratio:.2}"),
+        target: format!(
+            "≤ {bound:.2} (none expected): {}",
+            if ratio <= bound { "holds" } else { "missed" }
+        ),
+    }
+}
+
 /// What QEMU's confinement costs: the boot floor as spinbox runs QEMU (seccomp sandbox;
 /// `-sandbox …`) beside the same command line without it, alternating.
 fn confinement_row(config: &spinbox_config::Config, dir: &Path, runs: usize) -> Row {
@@ -136,34 +171,41 @@ fn confinement_row(config: &spinbox_config::Config, dir: &Path, runs: usize) -> 
     let host = spinbox_vmm::accel::HostCaps::probe();
     let sandboxed =
         spinbox_vmm::floor_command_line(config, &host, &dir.join("floor-sandboxed.console.log"));
-    let mut open =
-        spinbox_vmm::floor_command_line(config, &host, &dir.join("floor-open.console.log"));
+    let mut open = sandboxed.clone();
     let at = open
         .iter()
         .position(|a| a == "-sandbox")
         .expect("the floor's command line has -sandbox");
     open.drain(at..at + 2);
-    let (mut with, mut without) = (Samples::default(), Samples::default());
-    let boot = |args: &[String]| {
-        spinbox_vmm::boot_floor_with(config, args, config.timeouts.vm_start)
-            .unwrap_or_else(|e| panic!("floor: {e}"))
-    };
-    for _ in 0..runs {
-        with.push(ms(boot(&sandboxed)));
-        without.push(ms(boot(&open)));
-    }
-    let ratio = with.median() / without.median();
-    Row {
-        what: "QEMU seccomp sandbox: boot floor with / without `-sandbox`".into(),
-        spinbox: with.show("ms"),
-        runc: "—".into(),
-        other: format!("without {}", without.show("ms")),
-        ratio: format!("{ratio:.2}"),
-        target: format!(
-            "≤ 1.05 (none expected): {}",
-            if ratio <= 1.05 { "holds" } else { "missed" }
+    let (with, without) = floor_pair(config, &sandboxed, &open, runs);
+    ratio_row(
+        "QEMU seccomp sandbox: boot floor with / without `-sandbox`",
+        &with,
+        &without,
+        1.05,
+    )
+}
+
+/// What the room to grow costs a boot: the floor with `-smp vcpus,maxcpus=vm.max_vcpus` (as
+/// spinbox boots, so that vCPUs can be hot-plugged) beside the same with no room.
+fn room_to_grow_row(config: &spinbox_config::Config, dir: &Path, runs: usize) -> Row {
+    eprintln!("bench: room to grow x{runs}");
+    let host = spinbox_vmm::accel::HostCaps::probe();
+    let console = dir.join("floor-room.console.log");
+    let room = spinbox_vmm::floor_command_line(config, &host, &console);
+    let mut fixed = config.clone();
+    fixed.vm.max_vcpus = fixed.vm.vcpus;
+    let no_room = spinbox_vmm::floor_command_line(&fixed, &host, &console);
+    let (with, without) = floor_pair(config, &room, &no_room, runs);
+    ratio_row(
+        &format!(
+            "room to grow: boot floor with / without `maxcpus={}`",
+            config.vm.max_vcpus
         ),
-    }
+        &with,
+        &without,
+        1.05,
+    )
 }
 
 /// QEMU booting the same kernel and initrd on the same machine to an init that powers off at
@@ -526,13 +568,24 @@ fn main() {
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .output()
-                    .map(|o| o.status.success())
+                    .map(|o| {
+                        if !o.status.success() {
+                            eprintln!(
+                                "bench: parallel start failed: {}",
+                                String::from_utf8_lossy(&o.stderr)
+                            );
+                        }
+                        o.status.success()
+                    })
                     .unwrap_or(false)
             })
         })
         .collect();
-    let ok = handles.into_iter().all(|h| h.join().unwrap_or(false));
-    assert!(ok, "a parallel start failed");
+    let results: Vec<bool> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or(false))
+        .collect();
+    assert!(results.iter().all(|ok| *ok), "a parallel start failed");
     let wall = ms(started.elapsed());
     let serial = parallel as f64 * s_cold.median();
     rows.push(Row {
@@ -582,6 +635,7 @@ fn main() {
 
     // Pods, through containerd's CRI plugin.
     rows.push(confinement_row(&config, scratch.path(), runs));
+    rows.push(room_to_grow_row(&config, scratch.path(), runs));
     rows.extend(pod::rows(&ctr, &config, runs.min(3), scratch.path()));
 
     // The table.
