@@ -36,6 +36,22 @@ fn kill_config(dir: &Path) -> String {
     })
 }
 
+/// `ctr run -d` of a `sleep 300` container `id` with the config at `config`.
+fn run_sleeper(ctr: &Ctr, config: &str, extra: &[&str], id: &str) {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id, "sleep", "300"]);
+    let out = ctr.run(&args, None);
+    assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+}
+
 fn freeze(pid: i32) {
     kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP QEMU");
 }
@@ -47,22 +63,7 @@ async fn sigkill_of_a_container_whose_vm_is_frozen_lands_within_the_kill_timeout
     let dir = tempfile::tempdir().unwrap();
     let config = kill_config(dir.path());
     let id = "hg-frozen";
-    let out = ctr.run(
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            "--runtime-config-path",
-            &config,
-            IMAGE,
-            id,
-            "sleep",
-            "300",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    run_sleeper(&ctr, &config, &[], id);
     let qemu = ctr.qemu_pid(id).expect("QEMU of the container");
     // QEMU runs in its seccomp sandbox and without capabilities (docs/SECURITY.md).
     let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
@@ -349,23 +350,7 @@ async fn a_guest_flooding_its_console_leaves_a_log_under_the_cap_and_the_shim_fl
         c["vm"]["console_log_max_kib"] = cap_kib.into();
     });
     let id = "hg-console";
-    let out = ctr.run(
-        &[
-            "run",
-            "-d",
-            "--privileged",
-            "--runtime",
-            RUNTIME,
-            "--runtime-config-path",
-            &config,
-            IMAGE,
-            id,
-            "sleep",
-            "300",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    run_sleeper(&ctr, &config, &["--privileged"], id);
     let shim = spinbox_tests::processes_mentioning(&format!("-id {id} "))
         .iter()
         .find(|p| p.contains("containerd-shim-spinbox-v2"))

@@ -10,13 +10,11 @@ use spinbox_agent_api::agent_ttrpc::AgentClient;
 use tokio::sync::watch;
 
 use crate::container::{
-    agent_err, arm_kill_watchdog, ctx, wait_exit, ContainerError, ExitInfo, Status, VM_DIED_STATUS,
+    agent_err, arm_kill_watchdog, ctx, wait_exit, ContainerError, ExitInfo, Status, VM_DEATH_DRAIN,
+    VM_DIED_STATUS,
 };
 use crate::sandbox::Sandbox;
 use crate::stdio::{StdioPaths, StdioPumps};
-
-/// How long an exec's output may still arrive after its VM died.
-const VM_DEATH_DRAIN: Duration = Duration::from_millis(250);
 
 /// One exec process of a container.
 pub struct Exec {

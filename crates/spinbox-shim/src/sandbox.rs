@@ -348,13 +348,11 @@ impl Sandbox {
                     "{why}: the VM is being torn down"
                 )));
             };
-            let from = spinbox_vmm::hotplug::plug_vcpus(vm.qmp(), 0).await?;
-            if from >= target {
-                return Ok(from);
-            }
-            let to = spinbox_vmm::hotplug::plug_vcpus(vm.qmp(), target).await?;
-            (from, to)
+            spinbox_vmm::hotplug::plug_vcpus(vm.qmp(), target).await?
         };
+        if to == from {
+            return Ok(to);
+        }
         // The guest registers a new vCPU when its ACPI event is handled, a moment after
         // device_add: ask until it has them all online (timeouts.device_detection).
         let deadline = tokio::time::Instant::now() + self.config.timeouts.device_detection;

@@ -51,9 +51,10 @@ pub enum HotplugError {
 
 /// Plugs vCPUs until the VM has `target` (bounded by the `maxcpus` it booted with): each free
 /// slot `query-hotpluggable-cpus` lists gets a `device_add` of the CPU type it names, with its
-/// socket/core/thread ids as given. Returns how many the VM has then. The guest registers
-/// them offline: the agent brings them online (OnlineCpus).
-pub async fn plug_vcpus(qmp: &Qmp, target: u32) -> Result<u32, HotplugError> {
+/// socket/core/thread ids as given. Returns how many vCPUs the VM had before and has after
+/// (equal when it already had `target`). The guest registers them offline: the agent brings
+/// them online (OnlineCpus).
+pub async fn plug_vcpus(qmp: &Qmp, target: u32) -> Result<(u32, u32), HotplugError> {
     let slots = qmp
         .execute("query-hotpluggable-cpus", None)
         .await
@@ -63,9 +64,10 @@ pub async fn plug_vcpus(qmp: &Qmp, target: u32) -> Result<u32, HotplugError> {
         })?;
     let slots = slots.as_array().cloned().unwrap_or_default();
     let present = slots.iter().filter(|c| c.get("qom-path").is_some()).count();
-    let mut have = u32::try_from(present).unwrap_or(u32::MAX);
+    let before = u32::try_from(present).unwrap_or(u32::MAX);
+    let mut have = before;
     if have >= target {
-        return Ok(have);
+        return Ok((before, have));
     }
     // Free slots, lowest socket/core first (QEMU lists them highest first).
     let mut free: Vec<&serde_json::Value> = slots
@@ -98,7 +100,7 @@ pub async fn plug_vcpus(qmp: &Qmp, target: u32) -> Result<u32, HotplugError> {
             "{target} wanted, the VM has room for {have} (its maxcpus)"
         )));
     }
-    Ok(have)
+    Ok((before, have))
 }
 
 /// Plugs `disk` into root port `port` as block node and device `node` (also the QMP id).

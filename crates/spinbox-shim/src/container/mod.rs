@@ -59,7 +59,7 @@ pub(crate) async fn wait_exit(mut rx: watch::Receiver<Option<ExitInfo>>) -> Exit
 /// Exit code reported when the VM died under a running container (as for SIGKILL).
 pub const VM_DIED_STATUS: u32 = 128 + 9;
 /// How long output may still arrive after the VM died: only what is already in host buffers.
-const VM_DEATH_DRAIN: Duration = Duration::from_millis(250);
+pub(crate) const VM_DEATH_DRAIN: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
