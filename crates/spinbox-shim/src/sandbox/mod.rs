@@ -6,28 +6,32 @@
 //! boots the VM and owns the Sandbox; members join it: their disks are hot-plugged onto
 //! root ports reserved at boot ([`spinbox_vmm::hotplug`]), a layer shared by two members is
 //! attached once (found by its serial) and unplugged when its last user goes. Hot-plugged
-//! disks are recorded in `hotplug.json` in the sandbox's state directory before each plug.
+//! disks are recorded in `hotplug.json` in the sandbox's state directory before each plug
+//! ([`disks`]). A running VM's vCPUs and memory are resized in [`resize`].
 //!
 //! Locks: `vm` is held only to reach the VM's QMP for one plug or unplug, or to take the VM
 //! at teardown; `slots` serialises plugs and unplugs (taken before `vm`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
 use spinbox_agent_api::agent::{IpAddress, NetworkConfig, NetworkInterface, NetworkRoute};
 use spinbox_agent_api::agent_ttrpc::AgentClient;
 use spinbox_config::Config;
-use spinbox_storage::Disk;
 use spinbox_vmm::state::StateDir;
 use spinbox_vmm::vm::OutputPorts;
 use spinbox_vmm::vsock::VsockTransport;
-use spinbox_vmm::{DiskAttach, Vm};
+use spinbox_vmm::Vm;
 use tokio::sync::watch;
 
 use crate::container::ContainerError;
+
+mod disks;
+mod resize;
+
+use disks::Slots;
 
 /// One TaskOOM per container per this, however often the guest reports.
 const OOM_COALESCE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -35,29 +39,6 @@ const OOM_COALESCE: std::time::Duration = std::time::Duration::from_secs(1);
 const OOM_MIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 /// Containers whose last OOM event is remembered (for coalescing) at once.
 const OOM_TRACKED: usize = 256;
-
-/// The hot-plugged disks' record, in the sandbox's state directory.
-const HOTPLUG_RECORD: &str = "hotplug.json";
-
-/// One hot-plugged disk: which root port it sits on and which containers use it.
-#[derive(Debug, Clone, Serialize)]
-struct Plugged {
-    serial: String,
-    node: String,
-    port: u32,
-    path: std::path::PathBuf,
-    users: BTreeSet<String>,
-}
-
-#[derive(Debug, Default)]
-struct Slots {
-    /// Free root ports, lowest first taken last (a stack).
-    free: Vec<u32>,
-    /// By serial.
-    plugged: HashMap<String, Plugged>,
-    /// Serials the VM booted with (the owner's disks): never plugged or unplugged.
-    at_boot: BTreeSet<String>,
-}
 
 pub struct Sandbox {
     /// The pod's sandbox id: the id of the container that booted the VM.
@@ -157,150 +138,6 @@ impl Sandbox {
         tracing::error!(sandbox = %self.id, qemu = %status, "microVM exited on its own");
     }
 
-    /// Attaches `disks` for container `user`: a disk the VM already has (by serial) gains a
-    /// user; a new one is recorded, then plugged onto a free root port. On failure the
-    /// disks this call plugged are unplugged again.
-    pub async fn attach(&self, user: &str, disks: &[Disk]) -> Result<(), ContainerError> {
-        let mut slots = self.slots.lock().await;
-        let mut plugged_now: Vec<String> = Vec::new();
-        let mut result = Ok(());
-        for disk in disks {
-            if slots.at_boot.contains(&disk.serial) {
-                continue;
-            }
-            if let Some(p) = slots.plugged.get_mut(&disk.serial) {
-                p.users.insert(user.to_owned());
-                continue;
-            }
-            let Some(port) = slots.free.pop() else {
-                result = Err(ContainerError::Pod {
-                    sandbox: self.id.clone(),
-                    reason: format!(
-                        "no free hotplug slot for disk {} of container {user} (vm.hotplug_slots = {} in use)",
-                        disk.serial, self.config.vm.hotplug_slots
-                    ),
-                });
-                break;
-            };
-            let entry = Plugged {
-                serial: disk.serial.clone(),
-                node: format!("hd{port}"),
-                port,
-                path: disk.path.clone(),
-                users: BTreeSet::from([user.to_owned()]),
-            };
-            slots.plugged.insert(disk.serial.clone(), entry.clone());
-            if let Err(e) = self.write_record(&slots).await {
-                slots.plugged.remove(&disk.serial);
-                slots.free.push(port);
-                result = Err(e);
-                break;
-            }
-            let attach = DiskAttach {
-                path: disk.path.clone(),
-                serial: disk.serial.clone(),
-                read_only: disk.read_only,
-            };
-            let plugged = match self.vm.lock().await.as_ref() {
-                Some(vm) => spinbox_vmm::hotplug::plug_disk(
-                    vm.qmp(),
-                    &spinbox_vmm::hotplug::port_id(port),
-                    &entry.node,
-                    &attach,
-                )
-                .await
-                .map_err(ContainerError::from),
-                None => Err(self.gone()),
-            };
-            match plugged {
-                Ok(()) => {
-                    tracing::info!(sandbox = %self.id, container = user, serial = %disk.serial, port, "disk hot-plugged");
-                    plugged_now.push(disk.serial.clone());
-                }
-                Err(e) => {
-                    slots.plugged.remove(&disk.serial);
-                    slots.free.push(port);
-                    let _ = self.write_record(&slots).await;
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        drop(slots);
-        if result.is_err() {
-            let errors = self.detach(user).await;
-            if !errors.is_empty() {
-                tracing::warn!(sandbox = %self.id, container = user, errors = ?errors, "undoing a failed attach");
-            }
-        }
-        result
-    }
-
-    /// Detaches container `user` from its disks; a disk nobody uses any more is unplugged
-    /// (not while the VM is going down: QEMU takes its devices along).
-    pub async fn detach(&self, user: &str) -> Vec<String> {
-        let mut slots = self.slots.lock().await;
-        let unused: Vec<String> = slots
-            .plugged
-            .values_mut()
-            .filter_map(|p| {
-                let was_user = p.users.remove(user);
-                (was_user && p.users.is_empty()).then(|| p.serial.clone())
-            })
-            .collect();
-        let mut errors = Vec::new();
-        if unused.is_empty() {
-            return errors;
-        }
-        let live = self.vm_alive() && !self.is_tearing_down();
-        for serial in unused {
-            let Some(p) = slots.plugged.get(&serial).cloned() else {
-                continue;
-            };
-            if live {
-                let unplugged = match self.vm.lock().await.as_ref() {
-                    Some(vm) => {
-                        spinbox_vmm::hotplug::unplug_disk(
-                            vm.qmp(),
-                            &p.node,
-                            self.config.timeouts.device_detection,
-                        )
-                        .await
-                    }
-                    None => Ok(()),
-                };
-                if let Err(e) = unplugged {
-                    // The device stays where it is; its port is not reused.
-                    errors.push(e.to_string());
-                    continue;
-                }
-                tracing::info!(sandbox = %self.id, container = user, serial = %serial, port = p.port, "disk unplugged");
-            }
-            slots.plugged.remove(&serial);
-            slots.free.push(p.port);
-        }
-        if let Err(e) = self.write_record(&slots).await {
-            errors.push(e.to_string());
-        }
-        errors
-    }
-
-    async fn write_record(&self, slots: &Slots) -> Result<(), ContainerError> {
-        let mut disks: Vec<Plugged> = slots.plugged.values().cloned().collect();
-        disks.sort_by_key(|p| p.port);
-        let dir = self.state.path().to_owned();
-        tokio::task::spawn_blocking(move || {
-            spinbox_vmm::state::write_json(&dir, HOTPLUG_RECORD, &disks)
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(|source| ContainerError::State {
-            path: self.state.path().join(HOTPLUG_RECORD),
-            source,
-        })
-    }
-
     fn gone(&self) -> ContainerError {
         ContainerError::Pod {
             sandbox: self.id.clone(),
@@ -329,65 +166,6 @@ impl Sandbox {
                 "VM forced down"
             );
         }
-    }
-
-    /// Grows the VM to `target` vCPUs (never shrinks it; at most `vm.max_vcpus`): hot-plugs
-    /// them over QMP and has the agent bring them online. One structured line per resize.
-    pub async fn grow_vcpus(&self, target: u32, why: &str) -> Result<u32, ContainerError> {
-        let max = self.config.vm.max_vcpus;
-        if target > max {
-            return Err(ContainerError::InvalidRequest(format!(
-                "{why}: {target} vCPUs asked, more than vm.max_vcpus ({max})"
-            )));
-        }
-        let started = std::time::Instant::now();
-        let (from, to) = {
-            let vm = self.vm.lock().await;
-            let Some(vm) = vm.as_ref() else {
-                return Err(ContainerError::InvalidRequest(format!(
-                    "{why}: the VM is being torn down"
-                )));
-            };
-            spinbox_vmm::hotplug::plug_vcpus(vm.qmp(), target).await?
-        };
-        if to == from {
-            return Ok(to);
-        }
-        // The guest registers a new vCPU when its ACPI event is handled, a moment after
-        // device_add: ask until it has them all online (timeouts.device_detection).
-        let deadline = tokio::time::Instant::now() + self.config.timeouts.device_detection;
-        let online = loop {
-            let online = self
-                .agent
-                .online_cpus(
-                    crate::container::ctx(self.config.timeouts.qmp_command),
-                    &spinbox_agent_api::agent::Empty::default(),
-                )
-                .await
-                .map_err(|e| crate::container::agent_err("OnlineCpus", e))?
-                .online;
-            if online >= to {
-                break online;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ContainerError::InvalidRequest(format!(
-                    "{why}: the guest has {online} of {to} vCPUs online {:?} after the hot-plug (timeouts.device_detection)",
-                    self.config.timeouts.device_detection
-                )));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
-        tracing::info!(
-            sandbox = %self.id,
-            what = "vcpus",
-            from,
-            to,
-            guest_online = online,
-            why,
-            took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "VM resized"
-        );
-        Ok(to)
     }
 
     /// The network phase of the pod's teardown.
