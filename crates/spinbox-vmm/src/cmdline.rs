@@ -104,25 +104,74 @@ impl QemuArg for Smp {
 }
 
 /// Guest RAM: `-m` plus a memfd backend. `share=on` is what lets a vhost-user backend
-/// (vhost-device-vsock) map guest memory; it is harmless for kernel vhost.
+/// (vhost-device-vsock) map guest RAM; it is harmless for kernel vhost. With `max_mib` above
+/// `mib`, `maxmem` leaves the address space a [`VirtioMem`] device needs.
 #[derive(Debug, Clone)]
 pub struct Memory {
     pub id: String,
     pub mib: u32,
+    /// The most the VM may ever have: boot memory plus hot-pluggable memory.
+    pub max_mib: u32,
     pub shared: bool,
 }
 
 impl QemuArg for Memory {
     fn to_args(&self) -> Vec<String> {
+        let size = if self.max_mib > self.mib {
+            format!("{}M,maxmem={}M", self.mib, self.max_mib)
+        } else {
+            format!("{}M", self.mib)
+        };
         vec![
             "-m".into(),
-            format!("{}M", self.mib),
+            size,
             "-object".into(),
             format!(
                 "memory-backend-memfd,id={},size={}M,share={}",
                 escape_opt(&self.id),
                 self.mib,
                 if self.shared { "on" } else { "off" }
+            ),
+        ]
+    }
+}
+
+/// The QOM id of the VM's virtio-mem device (`/machine/peripheral/<id>`).
+pub const VIRTIO_MEM_ID: &str = "vmem0";
+/// The guest's memory block (x86 sections): the hot-pluggable region is a multiple of it.
+pub const MEMORY_BLOCK_MIB: u32 = 128;
+/// The virtio-mem device block: what is plugged or unplugged is a multiple of it.
+pub const VIRTIO_MEM_BLOCK_MIB: u32 = 2;
+
+/// How much memory a VM booted with `base_mib` can hot-plug below `max_mib`: whole guest
+/// memory blocks (none when less than one fits).
+pub fn hotplug_region_mib(base_mib: u32, max_mib: u32) -> u32 {
+    max_mib.saturating_sub(base_mib) / MEMORY_BLOCK_MIB * MEMORY_BLOCK_MIB
+}
+
+/// Hot-pluggable memory: a `virtio-mem-pci` device over a memfd backend of its own,
+/// `region_mib` large, nothing plugged at boot. The guest's virtio_mem driver plugs and
+/// unplugs device blocks as the device's `requested-size` moves; the memfd is sparse, so
+/// the region costs the host nothing until the guest uses it, and unplugged blocks are
+/// given back.
+#[derive(Debug, Clone)]
+pub struct VirtioMem {
+    pub region_mib: u32,
+    pub shared: bool,
+}
+
+impl QemuArg for VirtioMem {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id={VIRTIO_MEM_ID}-mem,size={}M,share={}",
+                self.region_mib,
+                if self.shared { "on" } else { "off" }
+            ),
+            "-device".into(),
+            format!(
+                "virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-mem,block-size={VIRTIO_MEM_BLOCK_MIB}M,requested-size=0"
             ),
         ]
     }
@@ -446,6 +495,13 @@ pub fn guest_kernel_cmdline_with(agent_port: u32, stdio_port: u32, extra: &[Stri
         "8250.nr_uarts=1",
         "i8042.noaux",
         "random.trust_cpu=on",
+        // Hot-plugged memory (virtio-mem) comes online by itself, in ZONE_MOVABLE as far as
+        // the kernel's auto-movable ratio allows, so that it can be unplugged again.
+        "memhp_default_state=online",
+        "memory_hotplug.online_policy=auto-movable",
+        // Room to grow above 4 GiB would make the kernel reserve a 64 MiB bounce buffer; no
+        // device here needs one (virtio without ACCESS_PLATFORM addresses all of RAM).
+        "swiotlb=noforce",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -503,6 +559,7 @@ mod tests {
             .push(Memory {
                 id: "mem".into(),
                 mib: 512,
+                max_mib: 512,
                 shared: true,
             })
             .push(KernelBoot {
@@ -626,11 +683,39 @@ mod tests {
         let m = Memory {
             id: "mem".into(),
             mib: 256,
+            max_mib: 256,
             shared: false,
         };
         assert_eq!(
             joined(&m),
             "-m 256M -object memory-backend-memfd,id=mem,size=256M,share=off"
+        );
+    }
+
+    #[test]
+    fn room_to_grow_memory_is_maxmem_and_a_virtio_mem_region_of_whole_blocks() {
+        let m = Memory {
+            id: "mem".into(),
+            mib: 640,
+            max_mib: 8192,
+            shared: true,
+        };
+        assert_eq!(
+            joined(&m),
+            "-m 640M,maxmem=8192M -object memory-backend-memfd,id=mem,size=640M,share=on"
+        );
+        // 8192 - 640 = 7552 MiB: 59 blocks of 128 MiB.
+        assert_eq!(hotplug_region_mib(640, 8192), 59 * 128);
+        assert_eq!(hotplug_region_mib(512, 600), 0);
+        assert_eq!(hotplug_region_mib(8192, 512), 0);
+        let v = VirtioMem {
+            region_mib: 7552,
+            shared: true,
+        };
+        assert_eq!(
+            joined(&v),
+            "-object memory-backend-memfd,id=vmem0-mem,size=7552M,share=on \
+             -device virtio-mem-pci,id=vmem0,memdev=vmem0-mem,block-size=2M,requested-size=0"
         );
     }
 

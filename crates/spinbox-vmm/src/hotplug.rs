@@ -47,6 +47,38 @@ pub enum HotplugError {
     },
     #[error("hot-plugging vCPUs: {0}")]
     VcpuSlots(String),
+    #[error("resizing memory: {step}: {source}")]
+    Memory {
+        step: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("resizing memory: {0}")]
+    MemoryBounds(String),
+    #[error("recording the VM's new shape in vm.json: {0}")]
+    Record(#[source] std::io::Error),
+}
+
+/// `query-hotpluggable-cpus`: every vCPU slot, plugged (with a `qom-path`) or free.
+async fn cpu_slots(qmp: &Qmp) -> Result<Vec<serde_json::Value>, HotplugError> {
+    let slots = qmp
+        .execute("query-hotpluggable-cpus", None)
+        .await
+        .map_err(|source| HotplugError::Vcpu {
+            step: "query-hotpluggable-cpus",
+            source,
+        })?;
+    Ok(slots.as_array().cloned().unwrap_or_default())
+}
+
+fn present_vcpus(slots: &[serde_json::Value]) -> u32 {
+    let present = slots.iter().filter(|c| c.get("qom-path").is_some()).count();
+    u32::try_from(present).unwrap_or(u32::MAX)
+}
+
+/// How many vCPUs QEMU has plugged.
+pub async fn plugged_vcpus(qmp: &Qmp) -> Result<u32, HotplugError> {
+    Ok(present_vcpus(&cpu_slots(qmp).await?))
 }
 
 /// Plugs vCPUs until the VM has `target` (bounded by the `maxcpus` it booted with): each free
@@ -55,16 +87,8 @@ pub enum HotplugError {
 /// (equal when it already had `target`). The guest registers them offline: the agent brings
 /// them online (OnlineCpus).
 pub async fn plug_vcpus(qmp: &Qmp, target: u32) -> Result<(u32, u32), HotplugError> {
-    let slots = qmp
-        .execute("query-hotpluggable-cpus", None)
-        .await
-        .map_err(|source| HotplugError::Vcpu {
-            step: "query-hotpluggable-cpus",
-            source,
-        })?;
-    let slots = slots.as_array().cloned().unwrap_or_default();
-    let present = slots.iter().filter(|c| c.get("qom-path").is_some()).count();
-    let before = u32::try_from(present).unwrap_or(u32::MAX);
+    let slots = cpu_slots(qmp).await?;
+    let before = present_vcpus(&slots);
     let mut have = before;
     if have >= target {
         return Ok((before, have));
@@ -101,6 +125,89 @@ pub async fn plug_vcpus(qmp: &Qmp, target: u32) -> Result<(u32, u32), HotplugErr
         )));
     }
     Ok((before, have))
+}
+
+/// The virtio-mem device's QOM path.
+fn virtio_mem_path() -> String {
+    format!("/machine/peripheral/{}", crate::cmdline::VIRTIO_MEM_ID)
+}
+
+/// The hot-plugged memory the guest has now (MiB): the virtio-mem device's plugged size.
+pub async fn plugged_memory_mib(qmp: &Qmp) -> Result<u32, HotplugError> {
+    let size = qmp
+        .execute(
+            "qom-get",
+            Some(json!({ "path": virtio_mem_path(), "property": "size" })),
+        )
+        .await
+        .map_err(|source| HotplugError::Memory {
+            step: "qom-get size",
+            source,
+        })?;
+    let bytes = size.as_u64().ok_or_else(|| {
+        HotplugError::MemoryBounds(format!("qom-get size answered {size}, not a byte count"))
+    })?;
+    Ok(u32::try_from(bytes >> 20).unwrap_or(u32::MAX))
+}
+
+/// Asks the guest to have `target_mib` of hot-plugged memory (rounded up to the device block;
+/// at most `region_mib`, the device's size) and waits at most `wait` for it to plug or unplug
+/// the difference. Returns the plugged size before and after, in MiB. A guest that cannot
+/// give all of it back within `wait` (memory in use) keeps what it still has: the request
+/// is set to that, so the guest stops trying and the host knows the VM's true size.
+pub async fn resize_memory(
+    qmp: &Qmp,
+    target_mib: u32,
+    region_mib: u32,
+    wait: Duration,
+) -> Result<(u32, u32), HotplugError> {
+    let block = crate::cmdline::VIRTIO_MEM_BLOCK_MIB;
+    let target = target_mib.div_ceil(block) * block;
+    if target > region_mib {
+        return Err(HotplugError::MemoryBounds(format!(
+            "{target} MiB wanted, the VM has room for {region_mib} MiB of hot-pluggable memory"
+        )));
+    }
+    let before = plugged_memory_mib(qmp).await?;
+    if before == target {
+        return Ok((before, before));
+    }
+    let request = |mib: u32| {
+        json!({
+            "path": virtio_mem_path(),
+            "property": "requested-size",
+            "value": u64::from(mib) << 20,
+        })
+    };
+    qmp.execute("qom-set", Some(request(target)))
+        .await
+        .map_err(|source| HotplugError::Memory {
+            step: "qom-set requested-size",
+            source,
+        })?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let now = plugged_memory_mib(qmp).await?;
+        if now == target {
+            return Ok((before, now));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            if target < before {
+                // The rest is in use: what the guest gave back is all it gives.
+                qmp.execute("qom-set", Some(request(now)))
+                    .await
+                    .map_err(|source| HotplugError::Memory {
+                        step: "qom-set requested-size (to what the guest kept)",
+                        source,
+                    })?;
+                return Ok((before, now));
+            }
+            return Err(HotplugError::MemoryBounds(format!(
+                "the guest plugged {now} of {target} MiB within {wait:?} (is virtio_mem in its kernel?)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Plugs `disk` into root port `port` as block node and device `node` (also the QMP id).

@@ -37,6 +37,25 @@ pub struct VmRecord {
     /// Directories outside the state directory (the container's data: its writable layer).
     #[serde(default)]
     pub dirs: Vec<PathBuf>,
+    /// The VM's size: what it booted with and what was hot-plugged since (each resize is
+    /// recorded before it is asked of QEMU, so the record never shows less than the VM has).
+    #[serde(default)]
+    pub shape: Option<VmShape>,
+}
+
+/// A VM's vCPUs and memory as QEMU has them (a vCPU the guest took offline is still here).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShape {
+    /// vCPUs plugged (boot + hot-plugged).
+    pub vcpus: u32,
+    /// The most vCPUs the VM can have (`maxcpus`).
+    pub max_vcpus: u32,
+    /// Boot memory (MiB), which never shrinks.
+    pub memory_base_mib: u32,
+    /// Hot-plugged memory (MiB, virtio-mem), which can be given back.
+    pub memory_plugged_mib: u32,
+    /// The most memory the VM can have (MiB): boot plus the virtio-mem region.
+    pub memory_max_mib: u32,
 }
 
 impl VmRecord {
@@ -356,6 +375,14 @@ mod tests {
             fs_backends: vec![ProcessRecord::of(fs_orphan.id()).unwrap()],
             files: vec![outside.clone()],
             dirs: vec![data.clone()],
+            // A VM resized after boot: the record round-trips its shape.
+            shape: Some(VmShape {
+                vcpus: 2,
+                max_vcpus: 8,
+                memory_base_mib: 640,
+                memory_plugged_mib: 1024,
+                memory_max_mib: 8192,
+            }),
         };
         assert!(!rec.owner_alive());
         write_record(&dir, &rec).unwrap();

@@ -25,6 +25,7 @@ use crate::vsock::{self, VsockTransport};
 mod backend;
 mod console;
 mod floor;
+mod resize;
 mod shutdown;
 
 pub use self::console::rotated as rotated_console_log;
@@ -32,6 +33,7 @@ use self::console::{tail, ConsoleSink};
 pub use self::floor::{
     boot_floor, boot_floor_with, floor_command_line, FloorError, FLOOR_KERNEL_ARG,
 };
+use self::resize::boot_shape;
 
 use self::backend::{
     share_file_names, start_virtiofsd, start_vsock_backend, stop_backend, Backend,
@@ -239,6 +241,7 @@ async fn forget_vm_files(state: &StateDir, console_log: &Path) -> Vec<String> {
     if let Err(e) = state
         .update(|r| {
             r.qemu = None;
+            r.shape = None;
             r.vsock_backend = None;
             r.fs_backends.clear();
             r.files
@@ -340,6 +343,9 @@ fn base_command_line(
     kernel_cmdline: String,
 ) -> QemuCommandLine {
     let paths = &config.paths;
+    // vhost-user backends (vhost-device-vsock, virtiofsd) map guest RAM, hot-plugged too.
+    let shared = vsock_kind == VsockKind::VhostUser || shares;
+    let region_mib = cmdline::hotplug_region_mib(config.vm.memory_mib, config.vm.max_memory_mib);
     let mut cmd = QemuCommandLine::new();
     cmd.push(cmdline::Basics)
         .push(cmdline::Machine {
@@ -354,8 +360,8 @@ fn base_command_line(
         .push(cmdline::Memory {
             id: "mem".into(),
             mib: config.vm.memory_mib,
-            // vhost-user backends (vhost-device-vsock, virtiofsd) map guest RAM.
-            shared: vsock_kind == VsockKind::VhostUser || shares,
+            max_mib: config.vm.memory_mib + region_mib,
+            shared,
         })
         .push(cmdline::KernelBoot {
             kernel: paths.kernel.clone(),
@@ -363,6 +369,9 @@ fn base_command_line(
             cmdline: kernel_cmdline,
         })
         .push(serial);
+    if region_mib > 0 {
+        cmd.push(cmdline::VirtioMem { region_mib, shared });
+    }
     if let Some(fw) = &paths.firmware {
         cmd.push(cmdline::Firmware { path: fw.clone() });
     }
@@ -755,7 +764,10 @@ impl Vm {
         };
         partial.qemu = Some((qemu_rec, qemu_exit.clone()));
         state
-            .update(|r| r.qemu = Some(qemu_rec))
+            .update(|r| {
+                r.qemu = Some(qemu_rec);
+                r.shape = Some(boot_shape(config));
+            })
             .await
             .map_err(record_err)?;
         // QEMU holds the listener and its port ends now; our copies are not needed.
@@ -924,6 +936,11 @@ impl Vm {
     pub fn transport(&self) -> &VsockTransport {
         &self.transport
     }
+    /// The config the VM booted with (its size as the runtime chose it).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub fn qmp(&self) -> &Qmp {
         &self.qmp
     }
