@@ -32,6 +32,8 @@ readonly WANTED_MODULES=(
     button evdev
     # the serial ports that carry a container's stdout and stderr (docs/ARCHITECTURE.md)
     virtio_console
+    # memory the shim hot-plugs and unplugs (vm.max_memory_mib, docs/LIFECYCLE.md)
+    virtio_mem
 )
 # Modules the agent loads only when a container needs them (in this order, dependencies
 # first): virtio-fs for writable host directory binds.

@@ -194,17 +194,7 @@ async fn stop(ctr: &Ctr, id: &str) {
 }
 
 fn gc(config: &str) -> String {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let out = Command::new(target.join("debug/spinbox"))
-        .arg("gc")
-        .env("SPINBOX_CONFIG", config)
-        .output()
-        .expect("run spinbox gc (built by tests/run.sh)");
-    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "spinbox gc: {said}");
-    said
+    spinbox_tests::spinbox_gc(config)
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ mod input;
 mod log;
 mod network;
 mod reaper;
+mod resources;
 mod service;
 mod shutdown;
 

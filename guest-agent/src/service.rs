@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use spinbox_agent_api::agent::{
-    CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest, HealthRequest,
-    HealthResponse, ListPidsResponse, NetworkConfig, OnlineCpusResponse, OomEvent,
-    PrepareShutdownRequest, PrepareShutdownResponse, ProcessRequest, ResizePtyRequest,
-    SignalProcessRequest, StartProcessResponse, StatsResponse, UpdateContainerRequest,
-    WaitProcessResponse,
+    CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest,
+    GuestResourcesResponse, HealthRequest, HealthResponse, ListPidsResponse, NetworkConfig,
+    OnlineCpusRequest, OnlineCpusResponse, OomEvent, PrepareShutdownRequest,
+    PrepareShutdownResponse, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
+    StartProcessResponse, StatsResponse, UpdateContainerRequest, WaitProcessResponse,
 };
 use spinbox_agent_api::agent_ttrpc::{create_agent, Agent};
 use ttrpc::r#async::{Service, TtrpcContext};
@@ -232,15 +232,16 @@ impl Agent for AgentService {
     async fn online_cpus(
         &self,
         _ctx: &TtrpcContext,
-        _req: Empty,
+        req: OnlineCpusRequest,
     ) -> ttrpc::Result<OnlineCpusResponse> {
         let failed = |e: String| {
             ttrpc::Error::from(crate::container::RpcError::new(
                 ttrpc::Code::INTERNAL,
-                format!("onlining CPUs: {e}"),
+                format!("setting the online CPUs to {}: {e}", req.want),
             ))
         };
-        let online = tokio::task::spawn_blocking(crate::cpus::online_all)
+        let want = req.want;
+        let online = tokio::task::spawn_blocking(move || crate::cpus::set_online(want))
             .await
             .map_err(|e| failed(e.to_string()))?
             .map_err(|e| failed(e.to_string()))?;
@@ -248,6 +249,23 @@ impl Agent for AgentService {
             online,
             ..Default::default()
         })
+    }
+
+    async fn guest_resources(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: Empty,
+    ) -> ttrpc::Result<GuestResourcesResponse> {
+        let failed = |e: String| {
+            ttrpc::Error::from(crate::container::RpcError::new(
+                ttrpc::Code::INTERNAL,
+                format!("reading the guest's resources: {e}"),
+            ))
+        };
+        tokio::task::spawn_blocking(crate::resources::read)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))
     }
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {

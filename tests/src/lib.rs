@@ -56,6 +56,26 @@ pub fn config_variant_file(
     path.display().to_string()
 }
 
+/// Runs `spinbox gc` (built by tests/run.sh) with `config`; asserts it succeeded and returns
+/// what it said.
+pub fn spinbox_gc(config: &str) -> String {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let out = std::process::Command::new(target.join("debug/spinbox"))
+        .arg("gc")
+        .env("SPINBOX_CONFIG", config)
+        .output()
+        .expect("run spinbox gc (built by tests/run.sh)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "spinbox gc: {said}");
+    said
+}
+
 /// Looks a program up on `$PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {

@@ -14,7 +14,10 @@
 //! - `network.*`, `timeouts.cni_plugin`, `timeouts.nft`: `spinbox-net`, through the shim's
 //!   network phase (setup on create, release on delete, `shim delete` and `spinbox gc`).
 
+pub mod autoscale;
 pub mod duration;
+
+pub use autoscale::Autoscale;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -215,6 +218,8 @@ pub struct VmDefaults {
     /// Bound on the guest serial console log on the host: `<id>.console.log` plus its one
     /// rotated predecessor `<id>.console.log.1` together stay below it (each half of it).
     pub console_log_max_kib: u64,
+    /// Resizing a running VM by its use (the resize controllers, docs/LIFECYCLE.md).
+    pub autoscale: Autoscale,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -288,6 +293,7 @@ impl Default for VmDefaults {
             max_vcpus: 8,
             max_memory_mib: 8192,
             console_log_max_kib: 1024,
+            autoscale: Autoscale::default(),
         }
     }
 }
@@ -428,6 +434,7 @@ impl Config {
                 format!("{} KiB is below the 16 KiB minimum", vm.console_log_max_kib),
             ));
         }
+        vm.autoscale.validate()?;
         let net = &self.network;
         if net.cni_ifname.is_empty()
             || net.cni_ifname.len() > 15

@@ -206,7 +206,8 @@ fn cpu_count(quota: u64, period: u64) -> String {
 fn check_memory(what: &str, limit: u64, vm: VmCapacity) -> Result<()> {
     if limit > vm.memory_bytes {
         bail!(
-            "{what} {limit} exceeds the VM's {} MiB (memory hotplug is not supported)",
+            "{what} {limit} exceeds the VM's {} MiB (the host grows the VM before it applies \
+             a limit; this VM was not grown to it)",
             mib(vm.memory_bytes)
         );
     }
@@ -216,8 +217,8 @@ fn check_memory(what: &str, limit: u64, vm: VmCapacity) -> Result<()> {
 fn check_cpu(what: &str, quota: u64, period: u64, vm: VmCapacity) -> Result<()> {
     if period > 0 && u128::from(quota) > u128::from(vm.cpus) * u128::from(period) {
         bail!(
-            "{what} {quota} / period {period} ({} CPUs) exceeds the VM's {} CPUs (CPU hotplug is \
-             not supported)",
+            "{what} {quota} / period {period} ({} CPUs) exceeds the VM's {} CPUs (the host \
+             grows the VM before it applies a limit; this VM was not grown to it)",
             cpu_count(quota, period),
             vm.cpus
         );
@@ -225,9 +226,9 @@ fn check_cpu(what: &str, quota: u64, period: u64, vm: VmCapacity) -> Result<()> 
     Ok(())
 }
 
-/// Checks `linux.resources` against what the VM has: a memory limit above its memory or a
-/// CPU quota above its CPUs can never be met (the VM does not grow), so it is refused rather
-/// than silently meaning "unlimited". Also checks the `unified` memory.max and cpu.max.
+/// Checks `linux.resources` against what the VM has now: a memory limit above its memory or
+/// a CPU quota above its CPUs can never be met (the host grows the VM before it applies
+/// such limits), so it is refused rather than silently meaning "unlimited". Also checks the `unified` memory.max and cpu.max.
 pub fn check_fits(r: &Resources, vm: VmCapacity) -> Result<()> {
     if let Some(limit) = r.memory.as_ref().and_then(|m| m.limit) {
         if let Ok(limit) = u64::try_from(limit) {
@@ -493,8 +494,8 @@ mod tests {
             check_fits(&memory(1_073_741_824), VM)
                 .unwrap_err()
                 .to_string(),
-            "linux.resources.memory.limit 1073741824 exceeds the VM's 512 MiB (memory hotplug \
-             is not supported)"
+            "linux.resources.memory.limit 1073741824 exceeds the VM's 512 MiB (the host grows \
+             the VM before it applies a limit; this VM was not grown to it)"
         );
         assert!(check_fits(&cpu(-1, None), VM).is_ok());
         assert!(check_fits(&cpu(0, Some(100_000)), VM).is_ok());
@@ -505,7 +506,7 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "linux.resources.cpu.quota 250000 / period 100000 (2.5 CPUs) exceeds the VM's 2 \
-             CPUs (CPU hotplug is not supported)"
+             CPUs (the host grows the VM before it applies a limit; this VM was not grown to it)"
         );
         assert!(check_fits(&cpu(300_000, None), VM)
             .unwrap_err()

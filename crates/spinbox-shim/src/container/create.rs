@@ -19,13 +19,13 @@ use spinbox_vmm::accel::HostCaps;
 use spinbox_vmm::state::StateDir;
 use spinbox_vmm::{NicAttach, ShareAttach, Vm, VmOptions};
 
-use super::bundle::{load_bundle, Bundle, PodRole};
+use super::bundle::{load_bundle, Bundle, PodResources, PodRole};
 use super::error::{agent_err, failed, ContainerError, CreatePhase as P};
 use super::sizing::{self, LimitsFrom};
 use super::timeline::Timeline;
 use super::{ctx, release_mounts, work_dir, Container, CreateOpts, Parts};
 use crate::cleanup::{Cleanup, Phase};
-use crate::sandbox::{guest_network, Sandbox};
+use crate::sandbox::{guest_network, Fit, Sandbox};
 use crate::stdio;
 
 /// What a create has acquired so far; released through the cleanup phases on failure.
@@ -182,7 +182,7 @@ impl Container {
             files,
             shares,
             pod,
-            limits: _,
+            limits,
         } = bundle;
         let state = Arc::clone(&acquired.state);
         let work_dir = acquired.work_dir.clone();
@@ -276,9 +276,18 @@ impl Container {
             share_vm_network,
             boot_serials,
             hotplug_ports,
+            match &pod {
+                PodRole::Sandbox { resources } => *resources,
+                _ => PodResources::default(),
+            },
             config,
         ));
         acquired.sandbox = Some(Arc::clone(&sandbox));
+        // The VM was sized for them: recorded so that later resizes count them.
+        sandbox
+            .set_limits(&opts.id, Some(limits))
+            .await
+            .map_err(|e| failed(P::Validate, e))?;
 
         if share_vm_network {
             sandbox
@@ -302,7 +311,7 @@ impl Container {
         let made = Container::create_in_guest(
             parts,
             rootfs,
-            sandbox,
+            Arc::clone(&sandbox),
             output_ports,
             config,
             timeline,
@@ -312,6 +321,7 @@ impl Container {
         match made {
             Ok(c) => {
                 acquired.sandbox = None;
+                sandbox.start_controllers();
                 Ok(c)
             }
             Err((e, rootfs)) => {
@@ -334,12 +344,19 @@ impl Container {
             read_only,
             files,
             mut shares,
+            limits,
             ..
         } = bundle;
         let config = sandbox.config().clone();
         if !sandbox.vm_alive() || sandbox.is_tearing_down() {
             return Err(failed(P::Validate, sandbox_gone(&sandbox)));
         }
+        // The pod's limits with this container's: refused before anything exists when the
+        // VM cannot grow to them.
+        sandbox
+            .set_limits(&opts.id, Some(limits))
+            .await
+            .map_err(|e| failed(P::Validate, e))?;
         // Members' data live below the sandbox's, so that the pod's reclaim takes them along.
         let work_dir = member_work_dir(&config, &sandbox.id, &opts.id);
         let state = Arc::clone(sandbox.state());
@@ -355,6 +372,14 @@ impl Container {
         };
         timeline.mark("mounts");
         if let Err(e) = sandbox.attach(&opts.id, &prepared.disks).await {
+            let errors = release_member(&sandbox, &opts.id, Some(&prepared), &work_dir).await;
+            log_rollback(&opts.id, &errors);
+            return Err(failed(P::Vm, e));
+        }
+        let grown = sandbox
+            .fit_to_limits(Fit::Grow, &format!("{} joined the pod", opts.id))
+            .await;
+        if let Err(e) = grown {
             let errors = release_member(&sandbox, &opts.id, Some(&prepared), &work_dir).await;
             log_rollback(&opts.id, &errors);
             return Err(failed(P::Vm, e));
@@ -470,6 +495,15 @@ pub(crate) async fn release_member(
     work_dir: &std::path::Path,
 ) -> Vec<String> {
     let mut errors = sandbox.detach(id).await;
+    // Its share of the VM goes back (what the guest still uses stays).
+    if let Ok(Some(_)) = sandbox.set_limits(id, None).await {
+        if sandbox.vm_alive() && !sandbox.is_tearing_down() {
+            let why = format!("{id} left the pod");
+            if let Err(e) = sandbox.fit_to_limits(Fit::Shrink, &why).await {
+                tracing::warn!(sandbox = %sandbox.id, id, error = %e, "the VM was not shrunk after a container left");
+            }
+        }
+    }
     let ok = errors.is_empty();
     errors.extend(release_mounts(rootfs, work_dir, None, ok).await);
     if errors.is_empty() {

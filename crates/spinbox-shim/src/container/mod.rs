@@ -11,11 +11,11 @@
 //! Ownership: the exit watcher task owns the wait on the guest process and is the only writer
 //! of the exit state; RPC handlers read it through a watch channel.
 
-mod bundle;
+pub(crate) mod bundle;
 mod create;
 mod error;
 mod kill;
-mod sizing;
+pub(crate) mod sizing;
 mod timeline;
 
 use std::collections::HashMap;
@@ -37,7 +37,7 @@ pub(crate) use self::kill::{answered, arm_kill_watchdog};
 use crate::cleanup::{Cleanup, CleanupReport, Phase};
 use crate::exec::Exec;
 use crate::lifecycle::LifecycleError;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Fit, Sandbox};
 use crate::stdio::{StdioPaths, StdioPumps};
 
 /// Waits until the exit watch has a value; a dropped sender (the watcher gone with the VM)
@@ -448,28 +448,46 @@ impl Container {
         Ok(())
     }
 
-    /// New cgroup limits (OCI linux.resources as JSON), applied in the guest. A CPU quota
-    /// that asks more vCPUs than the VM has grows the VM first (hot-plugged vCPUs, up to
-    /// `vm.max_vcpus`); the VM never shrinks here.
+    /// New cgroup limits (OCI linux.resources as JSON), applied in the guest. The VM is
+    /// resized to the pod's limits with them: grown before limits that need more (vCPUs
+    /// hot-plugged, memory plugged, up to the maxima, refused naming them beyond), shrunk
+    /// after limits that need less (never below what the guest uses).
     pub async fn update(&self, resources_json: Vec<u8>) -> Result<(), ContainerError> {
         self.running_vm()?;
-        if let Ok(resources) = serde_json::from_slice::<serde_json::Value>(&resources_json) {
-            if let Some(vcpus) = sizing::vcpus_for(&sizing::resources_limits(&resources)) {
-                let why = format!("Update of {}: linux.resources.cpu quota/period", self.id);
-                self.sandbox.grow_vcpus(vcpus, &why).await?;
-            }
+        let resources: serde_json::Value =
+            serde_json::from_slice(&resources_json).map_err(|e| {
+                ContainerError::InvalidRequest(format!(
+                    "Update of {}: the resources are not OCI LinuxResources JSON: {e}",
+                    self.id
+                ))
+            })?;
+        let asked = sizing::resources_limits(&resources);
+        let why = format!("Update of {}", self.id);
+        let before = self.sandbox.merge_limits(&self.id, asked).await?;
+        if let Err(e) = self.sandbox.fit_to_limits(Fit::Grow, &why).await {
+            self.sandbox.set_limits(&self.id, Some(before)).await?;
+            return Err(e);
         }
         let req = spinbox_agent_api::agent::UpdateContainerRequest {
             container_id: self.id.clone(),
             resources: resources_json,
             ..Default::default()
         };
-        self.sandbox
+        let applied = self
+            .sandbox
             .agent()
             .update_container(ctx(self.config.timeouts.qmp_command), &req)
             .await
             .map(|_| ())
-            .map_err(|e| agent_err("UpdateContainer", e))
+            .map_err(|e| agent_err("UpdateContainer", e));
+        if applied.is_err() {
+            self.sandbox.set_limits(&self.id, Some(before)).await?;
+        }
+        // Whatever the guest took, the VM follows the limits now in force.
+        if let Err(e) = self.sandbox.fit_to_limits(Fit::Shrink, &why).await {
+            tracing::warn!(id = %self.id, error = %e, "the VM was not shrunk after an Update");
+        }
+        applied
     }
 
     /// Window size of the init's terminal.
@@ -522,8 +540,16 @@ impl Container {
         }
         let vm_alive = self.sandbox.vm_alive();
         let mut c = Cleanup::new(&self.id);
-        // No resize controllers run yet: nothing to stop.
-        c.phase(Phase::Hotplug, async { Vec::new() }).await;
+        // The VM's resize controllers stop first (a member's share of the VM goes back with
+        // its mounts, when it has left the guest).
+        c.phase(Phase::Hotplug, async {
+            if self.owns_sandbox {
+                self.sandbox.stop_controllers().await
+            } else {
+                Vec::new()
+            }
+        })
+        .await;
         c.phase(Phase::Io, async {
             let execs: Vec<Arc<Exec>> = self
                 .execs

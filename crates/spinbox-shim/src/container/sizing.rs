@@ -73,16 +73,44 @@ pub fn vm_size(
     Ok((vcpus, memory_mib))
 }
 
+/// The size a running pod's VM should have: what CRI's sandbox annotations asked at boot
+/// (`pod`), or the sum of its containers' limits when that asks more, never below the
+/// defaults. A sum beyond the maxima is refused naming the container limit and the key.
+pub fn pod_size(
+    config: &Config,
+    pod: &PodResources,
+    containers: &[PodResources],
+) -> Result<(u32, u32), ContainerError> {
+    const PERIOD: u64 = 100_000;
+    let mut sum = PodResources::default();
+    let mut cpu_us: u64 = 0;
+    for c in containers {
+        if let Some(bytes) = c.memory_bytes {
+            sum.memory_bytes = Some(sum.memory_bytes.unwrap_or(0).saturating_add(bytes));
+        }
+        if let (Some(quota), Some(period)) = (c.cpu_quota, c.cpu_period) {
+            let quota = u64::try_from(quota).unwrap_or(0);
+            // The quota per a common period, rounded up.
+            cpu_us = cpu_us.saturating_add(
+                u64::try_from(
+                    (u128::from(quota) * u128::from(PERIOD)).div_ceil(u128::from(period.max(1))),
+                )
+                .unwrap_or(u64::MAX),
+            );
+        }
+    }
+    if cpu_us > 0 {
+        sum.cpu_quota = Some(i64::try_from(cpu_us).unwrap_or(i64::MAX));
+        sum.cpu_period = Some(PERIOD);
+    }
+    let (c_vcpus, c_mib) = vm_size(config, &sum, LimitsFrom::Spec)?;
+    let (p_vcpus, p_mib) = vm_size(config, pod, LimitsFrom::SandboxAnnotations)?;
+    Ok((c_vcpus.max(p_vcpus), c_mib.max(p_mib)))
+}
+
 /// The limits a spec's `linux.resources` sets (a negative quota or a zero limit: none).
 pub fn spec_limits(spec: &serde_json::Value) -> PodResources {
     resources_limits(&spec["linux"]["resources"])
-}
-
-/// The vCPUs a CPU quota asks for (rounded up), if it sets one.
-pub fn vcpus_for(limits: &PodResources) -> Option<u32> {
-    let (quota, period) = (limits.cpu_quota?, limits.cpu_period?);
-    let wanted = u64::try_from(quota).ok()?.div_ceil(period.max(1));
-    Some(u32::try_from(wanted).unwrap_or(u32::MAX))
 }
 
 /// The limits an OCI `LinuxResources` object sets (what Update carries).
@@ -100,6 +128,46 @@ pub fn resources_limits(r: &serde_json::Value) -> PodResources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_size_is_the_sum_of_its_containers_or_what_cri_asked() {
+        let config = Config::default();
+        let c = |cpus_m: i64, mib: u64| PodResources {
+            memory_bytes: Some(mib << 20),
+            cpu_quota: Some(cpus_m * 100),
+            cpu_period: Some(100_000),
+        };
+        let none = PodResources::default();
+        // Nothing asked: the defaults.
+        assert_eq!(pod_size(&config, &none, &[]).unwrap(), (1, 512));
+        // 1.5 + 1 CPUs -> 3 vCPUs; 512 + 1024 MiB + the overhead.
+        assert_eq!(
+            pod_size(&config, &none, &[c(1500, 512), c(1000, 1024), none]).unwrap(),
+            (3, 1536 + 128)
+        );
+        // A half-CPU quota per 50 ms period counts as half a CPU.
+        let half = PodResources {
+            memory_bytes: None,
+            cpu_quota: Some(25_000),
+            cpu_period: Some(50_000),
+        };
+        assert_eq!(pod_size(&config, &none, &[half, half, half]).unwrap().0, 2);
+        // CRI's sandbox annotations already sum the pod: the larger wins, never both.
+        let pod = c(2000, 2048);
+        assert_eq!(
+            pod_size(&config, &pod, &[c(1000, 1024)]).unwrap(),
+            (2, 2048 + 128)
+        );
+        // Beyond the maxima together: refused, naming the limit and the key.
+        let e = pod_size(&config, &none, &[c(5000, 64), c(5000, 64)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vm.max_vcpus"), "{e}");
+        let e = pod_size(&config, &none, &[c(100, 5000), c(100, 5000)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vm.max_memory_mib"), "{e}");
+    }
 
     fn size(config: &Config, limits: &PodResources) -> (u32, u32) {
         vm_size(config, limits, LimitsFrom::Spec).unwrap()

@@ -26,12 +26,17 @@ use spinbox_vmm::vsock::VsockTransport;
 use spinbox_vmm::Vm;
 use tokio::sync::watch;
 
+use crate::container::bundle::PodResources;
 use crate::container::ContainerError;
 
+mod controllers;
 mod disks;
 mod resize;
 
+use controllers::Controllers;
 use disks::Slots;
+pub use resize::Fit;
+use resize::ResizeState;
 
 /// One TaskOOM per container per this, however often the guest reports.
 const OOM_COALESCE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -54,12 +59,16 @@ pub struct Sandbox {
     output_ports: Mutex<Option<OutputPorts>>,
     /// Set once the VM's teardown began: QEMU exiting after this is our doing.
     tearing_down: AtomicBool,
+    /// Every resize of the VM holds it (limits, controllers, the `hotplug` phase).
+    resize: tokio::sync::Mutex<ResizeState>,
+    controllers: Controllers,
     config: Config,
 }
 
 impl Sandbox {
     /// Wraps a booted VM. `boot_serials` are the disks it booted with; `hotplug_ports` the
-    /// root ports it reserved.
+    /// root ports it reserved; `pod` what CRI's sandbox annotations asked for the pod.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: &str,
         vm: Vm,
@@ -67,9 +76,11 @@ impl Sandbox {
         share_vm_network: bool,
         boot_serials: impl IntoIterator<Item = String>,
         hotplug_ports: u32,
+        pod: PodResources,
         config: &Config,
     ) -> Sandbox {
         let output_ports = vm.take_output_ports();
+        let boot_vcpus = vm.config().vm.vcpus;
         Sandbox {
             id: id.to_owned(),
             vm_exit: vm.exit_watch(),
@@ -85,6 +96,8 @@ impl Sandbox {
             }),
             output_ports: Mutex::new(output_ports),
             tearing_down: AtomicBool::new(false),
+            resize: tokio::sync::Mutex::new(ResizeState::new(pod, boot_vcpus)),
+            controllers: Controllers::default(),
             config: config.clone(),
         }
     }
