@@ -476,7 +476,7 @@ impl Container {
         let applied = self
             .sandbox
             .agent()
-            .update_container(ctx(self.config.timeouts.qmp_command), &req)
+            .update_container(ctx(self.config.timeouts.agent_call), &req)
             .await
             .map(|_| ())
             .map_err(|e| agent_err("UpdateContainer", e));

@@ -233,7 +233,7 @@ impl Sandbox {
             let online = self
                 .agent
                 .online_cpus(
-                    ctx(self.config.timeouts.qmp_command),
+                    ctx(self.config.timeouts.agent_call),
                     &OnlineCpusRequest {
                         want: target,
                         ..Default::default()

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use spinbox_tests::ctr::{Ctr, IMAGE, RUNTIME};
 
+mod hotplug;
 mod pod;
 
 const RUNC: &str = "io.containerd.runc.v2";
@@ -186,8 +187,9 @@ fn confinement_row(config: &spinbox_config::Config, dir: &Path, runs: usize) -> 
     )
 }
 
-/// What the room to grow costs a boot: the floor with `-smp vcpus,maxcpus=vm.max_vcpus` (as
-/// spinbox boots, so that vCPUs can be hot-plugged) beside the same with no room.
+/// What the room to grow costs a boot: the floor with `-smp vcpus,maxcpus=vm.max_vcpus` and
+/// `-m memory_mib,maxmem=max_memory_mib` with the virtio-mem device (as spinbox boots, so that
+/// vCPUs and memory can be hot-plugged) beside the same with no room.
 fn room_to_grow_row(config: &spinbox_config::Config, dir: &Path, runs: usize) -> Row {
     eprintln!("bench: room to grow x{runs}");
     let host = spinbox_vmm::accel::HostCaps::probe();
@@ -195,12 +197,13 @@ fn room_to_grow_row(config: &spinbox_config::Config, dir: &Path, runs: usize) ->
     let room = spinbox_vmm::floor_command_line(config, &host, &console);
     let mut fixed = config.clone();
     fixed.vm.max_vcpus = fixed.vm.vcpus;
+    fixed.vm.max_memory_mib = fixed.vm.memory_mib;
     let no_room = spinbox_vmm::floor_command_line(&fixed, &host, &console);
     let (with, without) = floor_pair(config, &room, &no_room, runs);
     ratio_row(
         &format!(
-            "room to grow: boot floor with / without `maxcpus={}`",
-            config.vm.max_vcpus
+            "room to grow: boot floor with / without `maxcpus={}`, `maxmem={}M` + virtio-mem",
+            config.vm.max_vcpus, config.vm.max_memory_mib
         ),
         &with,
         &without,
@@ -636,6 +639,7 @@ fn main() {
     // Pods, through containerd's CRI plugin.
     rows.push(confinement_row(&config, scratch.path(), runs));
     rows.push(room_to_grow_row(&config, scratch.path(), runs));
+    rows.extend(hotplug::rows(&ctr, runs.min(5)));
     rows.extend(pod::rows(&ctr, &config, runs.min(3), scratch.path()));
 
     // The table.
