@@ -40,12 +40,13 @@ fn config_variant(dir: &Path, name: &str, change: impl FnOnce(&mut serde_json::V
 /// Nothing under a variant's roots but the config itself (and a data/layers cache).
 fn assert_variant_clean(dir: &Path, name: &str) {
     let root = dir.join(name);
-    for sub in ["state", "log", "data/containers"] {
+    for sub in ["state", "data/containers"] {
         if let Ok(entries) = std::fs::read_dir(root.join(sub)) {
             let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();
             assert!(left.is_empty(), "{name}: left in {sub}: {left:?}");
         }
     }
+    spinbox_tests::assert_log_dir_clean(&root.join("log"), spinbox_tests::suite_records_kept());
     let procs = spinbox_tests::processes_mentioning(&root.display().to_string());
     assert!(procs.is_empty(), "{name}: processes left: {procs:?}");
 }

@@ -56,17 +56,28 @@ pub fn config_variant_file(
     path.display().to_string()
 }
 
+/// The `spinbox` CLI tests/run.sh built.
+fn spinbox_bin() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("debug/spinbox")
+}
+
+/// Runs `spinbox ARGS` (built by tests/run.sh) with `config` as `SPINBOX_CONFIG`.
+pub fn spinbox_cli(config: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(spinbox_bin())
+        .args(args)
+        .env("SPINBOX_CONFIG", config)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run spinbox (built by tests/run.sh)")
+}
+
 /// Runs `spinbox gc` (built by tests/run.sh) with `config`; asserts it succeeded and returns
 /// what it said.
 pub fn spinbox_gc(config: &str) -> String {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let out = std::process::Command::new(target.join("debug/spinbox"))
-        .arg("gc")
-        .env("SPINBOX_CONFIG", config)
-        .output()
-        .expect("run spinbox gc (built by tests/run.sh)");
+    let out = spinbox_cli(config, &["gc"]);
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -74,6 +85,85 @@ pub fn spinbox_gc(config: &str) -> String {
     );
     assert!(out.status.success(), "spinbox gc: {said}");
     said
+}
+
+/// `spinbox ps --json` with `config`: asserts it succeeded and returns its rows.
+pub fn spinbox_ps(config: &str) -> Vec<serde_json::Value> {
+    let out = spinbox_cli(config, &["ps", "--json"]);
+    assert!(
+        out.status.success(),
+        "spinbox ps --json: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "spinbox ps --json is not a JSON array ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// `spinbox inspect --json ID` with `config`: its object, or what it said on stderr when it
+/// failed.
+pub fn spinbox_inspect(config: &str, id: &str) -> Result<serde_json::Value, String> {
+    let out = spinbox_cli(config, &["inspect", "--json", id]);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "spinbox inspect --json {id} is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    }))
+}
+
+/// `vm.shutdown_records_kept` of the suite's config (`$SPINBOX_E2E_CONFIG`), or the default.
+pub fn suite_records_kept() -> usize {
+    let config = match std::env::var_os("SPINBOX_E2E_CONFIG") {
+        Some(path) => Config::from_file(Path::new(&path)).expect("the suite's config"),
+        None => Config::default(),
+    };
+    config.vm.shutdown_records_kept as usize
+}
+
+/// Asserts a log directory holds nothing of a VM that is gone: no console log, nothing at
+/// all but `shutdown/`, the kept shutdown records — a bounded history, not a leak: at most
+/// `kept` per VM id, each 0600 in a 0700 directory, nothing else there.
+pub fn assert_log_dir_clean(log_dir: &Path, kept: usize) {
+    use std::os::unix::fs::PermissionsExt;
+    let history = spinbox_vmm::history::dir(log_dir);
+    if let Ok(entries) = std::fs::read_dir(log_dir) {
+        let left: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| *p != history)
+            .collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", log_dir.display());
+    }
+    let Ok(entries) = std::fs::read_dir(&history) else {
+        return;
+    };
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0)
+    };
+    assert_eq!(mode(&history), 0o700, "{} is not 0700", history.display());
+    let mut per_id: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((id, _)) = spinbox_vmm::history::parse_file_name(&name) else {
+            panic!("not a kept shutdown record: {}", e.path().display());
+        };
+        assert_eq!(mode(&e.path()), 0o600, "{} is not 0600", e.path().display());
+        *per_id.entry(id.to_owned()).or_default() += 1;
+    }
+    let over: Vec<_> = per_id.iter().filter(|(_, n)| **n > kept).collect();
+    assert!(
+        over.is_empty(),
+        "more than vm.shutdown_records_kept = {kept} shutdown records kept: {over:?}"
+    );
 }
 
 /// Looks a program up on `$PATH`.
@@ -128,8 +218,6 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-/// Asserts that nothing a VM test created under `root` survives: no process mentioning it, no
-/// state directory entry, no console log.
 /// No network state of spinbox's left on the host: no namespace it created
 /// (`/run/netns/spinbox-*`), no spinbox nft table (empty ones included), no host-local
 /// allocation under `ipam_dir` (the suite's CNI dataDir).
@@ -171,17 +259,21 @@ pub fn assert_no_network_leaks(ipam_dir: &Path) {
     );
 }
 
+/// Asserts that nothing a VM test created under `root` survives: no process mentioning it, no
+/// state directory entry, no console log (kept shutdown records within their bound).
 pub fn assert_no_leaks(root: &Path) {
     let needle = root.display().to_string();
     let procs = processes_mentioning(&needle);
     assert!(procs.is_empty(), "processes left behind: {procs:#?}");
-    for sub in ["state", "log"] {
-        let d = root.join(sub);
-        if let Ok(entries) = std::fs::read_dir(&d) {
-            let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-            assert!(left.is_empty(), "files left in {}: {left:?}", d.display());
-        }
+    let d = root.join("state");
+    if let Ok(entries) = std::fs::read_dir(&d) {
+        let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        assert!(left.is_empty(), "files left in {}: {left:?}", d.display());
     }
+    assert_log_dir_clean(
+        &root.join("log"),
+        Config::default().vm.shutdown_records_kept as usize,
+    );
     let fds: Vec<String> = open_fd_list()
         .into_iter()
         .filter(|f| f.contains(&needle))

@@ -55,7 +55,7 @@ fn age(path: &Path) -> Duration {
         .unwrap_or_default()
 }
 
-fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+pub(crate) fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let read = match std::fs::read_dir(dir) {
         Ok(r) => r,
@@ -230,7 +230,7 @@ async fn collect_layers(config: &Config, dry_run: bool) -> usize {
     0
 }
 
-async fn reclaim(f: &Found, net: &spinbox_net::Settings) -> Result<()> {
+pub(crate) async fn reclaim(f: &Found, net: &spinbox_net::Settings) -> Result<()> {
     match f.kind {
         "vm" => {
             state::reclaim_contents(&f.path)

@@ -8,17 +8,34 @@
 //! - `spinbox config`: prints the configuration in force (after `$SPINBOX_CONFIG` and defaults).
 //! - `spinbox gc [--dry-run] [ID...]`: lists VM state and container data left by shims that
 //!   are gone, and reclaims it (see `gc.rs`); live VMs are never touched.
+//! - `spinbox ps [--json]`: one row per VM on the host (see `ps.rs`).
+//! - `spinbox inspect [--json] ID`: a VM's records, config, shape and shutdown record, or the
+//!   last shutdown record of one already gone (see `inspect.rs`).
+//! - `spinbox stop [--timeout D] [--force] [--json] ID... | --all`: the shutdown ladder of
+//!   each VM, in parallel, its events printed as they happen (see `stop.rs`).
 //!
 //! Logs go to stderr; `RUST_LOG` sets the level (default `info`).
 
 mod gc;
+mod inspect;
+mod ps;
+mod stop;
+mod vms;
 
 use anyhow::{bail, Context, Result};
 use spinbox_config::Config;
 use spinbox_vmm::Vm;
 
-const USAGE: &str =
-    "usage: spinbox boot [ID] | spinbox floor [RUNS] | spinbox config | spinbox gc [--dry-run] [ID...]";
+const USAGE: &str = "usage: spinbox boot [ID] | spinbox floor [RUNS] | spinbox config | \
+spinbox gc [--dry-run] [ID...] | spinbox ps [--json] | spinbox inspect [--json] ID | \
+spinbox stop [--timeout D] [--force] [--json] ID... | --all";
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")
+}
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -78,6 +95,12 @@ fn main() -> Result<()> {
         Some("config") => {
             println!("{}", config.to_json_pretty());
             Ok(())
+        }
+        Some("ps") => ps::main(&config, &args[1..]),
+        Some("inspect") => inspect::main(&config, &args[1..]),
+        Some("stop") => {
+            let code = runtime()?.block_on(stop::main(&config, &args[1..]))?;
+            std::process::exit(code);
         }
         Some("-h") | Some("--help") => {
             println!("{USAGE}");

@@ -90,7 +90,7 @@ fn gc_reclaims_orphans_and_leaves_live_vms_alone() {
             fs_backends: vec![ProcessRecord::of(orphan_virtiofsd.id()).unwrap()],
             files: vec![console.clone()],
             dirs: vec![orphan_data.clone()],
-            shape: None,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -183,6 +183,9 @@ pub enum VsockMode {
     VhostUser,
 }
 
+/// Most shutdown records `vm.shutdown_records_kept` may keep per VM id.
+pub const MAX_SHUTDOWN_RECORDS_KEPT: u32 = 1000;
+
 /// Most hotplug root ports a VM reserves: the root bus's free slots after the boot devices.
 pub const MAX_HOTPLUG_SLOTS: u32 = 24;
 
@@ -218,6 +221,9 @@ pub struct VmDefaults {
     /// Bound on the guest serial console log on the host: `<id>.console.log` plus its one
     /// rotated predecessor `<id>.console.log.1` together stay below it (each half of it).
     pub console_log_max_kib: u64,
+    /// How many of each VM id's last shutdown records (`<log_dir>/shutdown/<id>.<ms>.json`)
+    /// are kept after the VM is gone, for `spinbox inspect` (0: none; at most 1000).
+    pub shutdown_records_kept: u32,
     /// Resizing a running VM by its use (the resize controllers, docs/LIFECYCLE.md).
     pub autoscale: Autoscale,
 }
@@ -293,6 +299,7 @@ impl Default for VmDefaults {
             max_vcpus: 8,
             max_memory_mib: 8192,
             console_log_max_kib: 1024,
+            shutdown_records_kept: 5,
             autoscale: Autoscale::default(),
         }
     }
@@ -432,6 +439,15 @@ impl Config {
             return Err((
                 "vm.console_log_max_kib",
                 format!("{} KiB is below the 16 KiB minimum", vm.console_log_max_kib),
+            ));
+        }
+        if vm.shutdown_records_kept > MAX_SHUTDOWN_RECORDS_KEPT {
+            return Err((
+                "vm.shutdown_records_kept",
+                format!(
+                    "{} is above the {MAX_SHUTDOWN_RECORDS_KEPT} records kept per VM id at most",
+                    vm.shutdown_records_kept
+                ),
             ));
         }
         vm.autoscale.validate()?;
@@ -603,6 +619,10 @@ mod tests {
         assert!(e.contains("vm.vcpus"), "{e}");
         let e = err(r#"{"vm": {"memory_mib": 16}}"#);
         assert!(e.contains("vm.memory_mib"), "{e}");
+        let e = err(r#"{"vm": {"shutdown_records_kept": 1001}}"#);
+        assert!(e.contains("vm.shutdown_records_kept"), "{e}");
+        let c = Config::from_json(r#"{"vm": {"shutdown_records_kept": 0}}"#, "t").unwrap();
+        assert_eq!(c.vm.shutdown_records_kept, 0);
         let e = err(r#"{"timeouts": {"io_wait": "0s"}}"#);
         assert!(
             e.contains("timeouts.io_wait") && e.contains("greater than zero"),

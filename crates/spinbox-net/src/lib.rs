@@ -157,6 +157,10 @@ pub struct NetworkRecord {
     /// Rules tagged for this container may exist in the nft table.
     #[serde(default)]
     pub nft: bool,
+    /// The addresses of the mirrored interfaces, as the VM took them over (informational:
+    /// `spinbox ps`; nothing is released by them).
+    #[serde(default)]
+    pub addresses: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -387,6 +391,7 @@ async fn setup_inner(
     let tap_lock = cni::HostLock::acquire(&settings.lock_file).await?;
     guard::check_no_tap(&netns).await?;
     record.mirrored = pairs.clone();
+    record.addresses = ifaces.iter().flat_map(|i| i.addresses.clone()).collect();
     record.save(&req.record_path).await?;
     let plan_ifaces = ifaces.clone();
     let taps = netns::run_in(&netns, move || async move {
@@ -578,6 +583,7 @@ mod tests {
             mirrored: vec![("eth0".into(), "sbtap0".into())],
             nft: true,
             cni: None,
+            addresses: vec!["10.87.0.5/16".parse().unwrap()],
         };
         let text = serde_json::to_string(&full).unwrap();
         let back: NetworkRecord = serde_json::from_str(&text).unwrap();

@@ -123,30 +123,37 @@ impl Shim for SpinboxShim {
 
     async fn wait(&mut self) {
         // The shim crate only logs SIGTERM/SIGINT; here they shut the shim down in order.
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::error!(error = %e, "installing the SIGTERM handler");
-                    None
-                }
-            };
-        let mut int =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
-        let signalled = async {
-            tokio::select! {
-                Some(_) = async { term.as_mut()?.recv().await } => "SIGTERM",
-                Some(_) = async { int.as_mut()?.recv().await } => "SIGINT",
+        // SIGUSR1 is `spinbox stop`: the VM goes down along its ladder while the shim stays,
+        // so containerd sees the tasks exit (see `Shared::stop_requested`).
+        let signal = |kind| match tokio::signal::unix::signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "installing a signal handler");
+                None
             }
         };
-        tokio::select! {
-            _ = self.exit.notified() => {}
-            why = signalled => {
-                tracing::warn!(signal = why, "signalled: shutting down");
-                if let Some(shared) = self.shared.get() {
-                    shared.shutdown_all(why).await;
+        use tokio::signal::unix::SignalKind;
+        let mut term = signal(SignalKind::terminate());
+        let mut int = signal(SignalKind::interrupt());
+        let mut usr1 = signal(SignalKind::user_defined1());
+        loop {
+            let why = tokio::select! {
+                _ = self.exit.notified() => return,
+                Some(_) = async { term.as_mut()?.recv().await } => "SIGTERM",
+                Some(_) = async { int.as_mut()?.recv().await } => "SIGINT",
+                Some(_) = async { usr1.as_mut()?.recv().await } => {
+                    if let Some(shared) = self.shared.get() {
+                        let shared = Arc::clone(shared);
+                        tokio::spawn(async move { shared.stop_requested().await });
+                    }
+                    continue;
                 }
+            };
+            tracing::warn!(signal = why, "signalled: shutting down");
+            if let Some(shared) = self.shared.get() {
+                shared.shutdown_all(why).await;
             }
+            return;
         }
     }
 

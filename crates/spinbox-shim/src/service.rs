@@ -191,6 +191,45 @@ impl Shared {
         }
     }
 
+    /// `spinbox stop` (SIGUSR1): reads what it asked from the sandbox's state directory
+    /// (`stop-request.json`, removed once read; none: a graceful stop) and stops the VM.
+    pub async fn stop_requested(&self) {
+        let Some(sandbox) = self.sandbox.lock().await.clone() else {
+            tracing::warn!("SIGUSR1 (spinbox stop) with no VM to stop");
+            return;
+        };
+        let path = sandbox
+            .state()
+            .path()
+            .join(spinbox_vmm::state::STOP_REQUEST_FILE);
+        let request = match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                if let Err(e) = tokio::fs::remove_file(&path).await {
+                    tracing::warn!(path = %path.display(), error = %e, "removing the stop request");
+                }
+                serde_json::from_slice::<spinbox_vmm::state::StopRequest>(&bytes)
+                    .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "an unreadable stop request: stopping gracefully"))
+                    .ok()
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "SIGUSR1 without a stop request: stopping gracefully");
+                None
+            }
+        };
+        let request = request.unwrap_or(spinbox_vmm::state::StopRequest {
+            force: false,
+            why: "SIGUSR1".into(),
+            grace_ms: None,
+        });
+        sandbox
+            .stop_vm(
+                request.force,
+                request.grace_ms.map(std::time::Duration::from_millis),
+                &request.why,
+            )
+            .await;
+    }
+
     /// The containers in the order a pod comes down: members first, the VM's owner last.
     async fn teardown_order(&self) -> Vec<Arc<Container>> {
         let mut live: Vec<Arc<Container>> =

@@ -8,10 +8,12 @@
 //! - [`sockdir`]: socket addresses in a state directory of any length.
 //! - [`process`]: spawning children with a parent-death signal; pid + start-time identity.
 //! - [`state`]: the per-VM state directory and record, and reclaiming orphans.
+//! - [`history`]: the shutdown records kept in the log directory after a VM is gone.
 //! - [`vm`]: one VM's start (with rollback), readiness and shutdown ladder.
 
 pub mod accel;
 pub mod cmdline;
+pub mod history;
 pub mod hotplug;
 pub mod process;
 pub mod qmp;

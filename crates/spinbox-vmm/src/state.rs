@@ -1,7 +1,8 @@
 //! The per-VM state directory and its record.
 //!
-//! `<paths.state_dir>/<id>/` (mode 0700) holds the QMP socket, the vsock sockets, `vm.json`
-//! and, once a shutdown began, `shutdown.json`. `vm.json` names every process, file and
+//! `<paths.state_dir>/<id>/` (mode 0700) holds the QMP socket, the vsock sockets, `vm.json`,
+//! the VM's effective configuration `config.json` (while it runs) and, once a shutdown began,
+//! `shutdown.json`. `vm.json` names every process, file and
 //! directory the VM and its container own outside the runtime's memory, and is rewritten
 //! *before* each of them comes into existence, so whoever finds a directory left by a crashed
 //! runtime can reclaim exactly what it holds ([`reclaim`]).
@@ -18,6 +19,22 @@ use crate::process::ProcessRecord;
 pub const RECORD_FILE: &str = "vm.json";
 /// The shutdown ladder's record ([`crate::ShutdownReport`]), rewritten at each step.
 pub const SHUTDOWN_RECORD_FILE: &str = "shutdown.json";
+/// The configuration the VM booted with (after the runtime sized it), written at boot.
+pub const CONFIG_RECORD_FILE: &str = "config.json";
+/// What `spinbox stop` asks of a VM's shim (written before it signals the shim with SIGUSR1).
+pub const STOP_REQUEST_FILE: &str = "stop-request.json";
+
+/// A stop asked from outside the shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopRequest {
+    /// Skip the graceful steps: QMP quit, then SIGKILL.
+    pub force: bool,
+    /// Who asked, for the record and the log.
+    pub why: String,
+    /// Each graceful step's grace instead of `timeouts.shutdown_grace`, in milliseconds.
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
+}
 
 /// What a VM owns outside the runtime's memory.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -41,6 +58,13 @@ pub struct VmRecord {
     /// recorded before it is asked of QEMU, so the record never shows less than the VM has).
     #[serde(default)]
     pub shape: Option<VmShape>,
+    /// The containerd namespace of the containers in the VM (for `spinbox ps`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The ids of the containers in the VM: the one that booted it first, then the pod's
+    /// members in the order they joined (for `spinbox ps`).
+    #[serde(default)]
+    pub containers: Vec<String>,
 }
 
 /// A VM's vCPUs and memory as QEMU has them (a vCPU the guest took offline is still here).
@@ -235,16 +259,19 @@ pub async fn create_private_file(path: &Path) -> io::Result<std::fs::File> {
 /// the log directory holds every guest's console.
 pub async fn create_private_dir_all(dir: &Path) -> io::Result<()> {
     let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-    })
-    .await
-    .map_err(io::Error::other)?
+    tokio::task::spawn_blocking(move || create_private_dir_all_blocking(&dir))
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// [`create_private_dir_all`] for a blocking thread.
+pub fn create_private_dir_all_blocking(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Kills what a record names (verified by start time: a pid now used by another process is
@@ -383,10 +410,17 @@ mod tests {
                 memory_plugged_mib: 1024,
                 memory_max_mib: 8192,
             }),
+            namespace: Some("default".into()),
+            containers: vec!["vm1".into(), "member".into()],
         };
         assert!(!rec.owner_alive());
         write_record(&dir, &rec).unwrap();
         assert_eq!(read_record(&dir).unwrap(), rec);
+        // A record written before `namespace` and `containers` existed still reads.
+        let old =
+            r#"{"id": "vm0", "owner": null, "qemu": null, "vsock_backend": null, "files": []}"#;
+        let old: VmRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((old.namespace, old.containers.len()), (None, 0));
 
         // While the owner lives, the VM is not an orphan: refused, nothing killed.
         let live = VmRecord {

@@ -189,7 +189,7 @@ impl Container {
 
         // Mounts: the rootfs as block images (the layer cache is shared and not ours; the
         // work directory with the writable layer is).
-        let prepared = prepare_rootfs(config, &opts.id, &source, read_only, &work_dir, &state)
+        let prepared = prepare_rootfs(config, &opts, &source, read_only, &work_dir, &state)
             .await
             .map_err(|e| failed(P::Mounts, e))?;
         let guest = prepared.guest.clone();
@@ -360,8 +360,7 @@ impl Container {
         // Members' data live below the sandbox's, so that the pod's reclaim takes them along.
         let work_dir = member_work_dir(&config, &sandbox.id, &opts.id);
         let state = Arc::clone(sandbox.state());
-        let prepared =
-            prepare_rootfs(&config, &opts.id, &source, read_only, &work_dir, &state).await;
+        let prepared = prepare_rootfs(&config, &opts, &source, read_only, &work_dir, &state).await;
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -444,17 +443,28 @@ pub fn member_work_dir(config: &Config, sandbox_id: &str, id: &str) -> PathBuf {
     work_dir(config, sandbox_id).join("members").join(id)
 }
 
-/// Records `work_dir` in `state`, creates it, and prepares the rootfs images there.
+/// Records `work_dir` in `state` — with the container's id and namespace, for `spinbox ps`
+/// (one write: the owner's id first, then each member's as it joins) — creates it, and
+/// prepares the rootfs images there.
 async fn prepare_rootfs(
     config: &Config,
-    id: &str,
+    opts: &CreateOpts,
     source: &spinbox_storage::RootfsSource,
     read_only: bool,
     work_dir: &std::path::Path,
     state: &StateDir,
 ) -> Result<PreparedRootfs, ContainerError> {
+    let id = opts.id.as_str();
     state
-        .update(|r| r.dirs.push(work_dir.to_owned()))
+        .update(|r| {
+            r.dirs.push(work_dir.to_owned());
+            if !r.containers.iter().any(|c| c == id) {
+                r.containers.push(id.to_owned());
+            }
+            if r.namespace.is_none() && !opts.namespace.is_empty() {
+                r.namespace = Some(opts.namespace.clone());
+            }
+        })
         .await
         .map_err(|source| ContainerError::State {
             path: state.path().to_owned(),
@@ -487,7 +497,8 @@ async fn prepare_rootfs(
 }
 
 /// Releases what a member holds outside the guest: its hot-plugged disks (those no sibling
-/// uses), its images and work directory, and its entry in the sandbox's record. Idempotent.
+/// uses), its images and work directory, and its entries in the sandbox's record (its id
+/// always; its work directory once that is gone). Idempotent.
 pub(crate) async fn release_member(
     sandbox: &Sandbox,
     id: &str,
@@ -506,18 +517,23 @@ pub(crate) async fn release_member(
     }
     let ok = errors.is_empty();
     errors.extend(release_mounts(rootfs, work_dir, None, ok).await);
-    if errors.is_empty() {
-        let dir = work_dir.to_owned();
-        if let Err(e) = sandbox
-            .state()
-            .update(|r| r.dirs.retain(|d| d != &dir))
-            .await
-        {
-            errors.push(format!(
-                "updating the record in {}: {e}",
-                sandbox.state().path().display()
-            ));
-        }
+    // What could not be released stays recorded for reclaim; the container is gone either way.
+    let released = errors.is_empty();
+    let dir = work_dir.to_owned();
+    let forgotten = sandbox
+        .state()
+        .update(|r| {
+            r.containers.retain(|c| c != id);
+            if released {
+                r.dirs.retain(|d| d != &dir);
+            }
+        })
+        .await;
+    if let Err(e) = forgotten {
+        errors.push(format!(
+            "updating the record in {}: {e}",
+            sandbox.state().path().display()
+        ));
     }
     errors
 }

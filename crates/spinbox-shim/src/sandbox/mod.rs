@@ -59,6 +59,9 @@ pub struct Sandbox {
     output_ports: Mutex<Option<OutputPorts>>,
     /// Set once the VM's teardown began: QEMU exiting after this is our doing.
     tearing_down: AtomicBool,
+    /// Set when an operator stopped the VM (`spinbox stop`): its exit is a death the shim
+    /// cleans up after as any other, but not one to report as unexpected.
+    stop_requested: AtomicBool,
     /// Every resize of the VM holds it (limits, controllers, the `hotplug` phase).
     resize: tokio::sync::Mutex<ResizeState>,
     controllers: Controllers,
@@ -96,6 +99,7 @@ impl Sandbox {
             }),
             output_ports: Mutex::new(output_ports),
             tearing_down: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
             resize: tokio::sync::Mutex::new(ResizeState::new(pod, boot_vcpus)),
             controllers: Controllers::default(),
             config: config.clone(),
@@ -148,7 +152,11 @@ impl Sandbox {
             std::future::pending::<()>().await;
         }
         let status = (*rx.borrow()).map(|s| s.to_string()).unwrap_or_default();
-        tracing::error!(sandbox = %self.id, qemu = %status, "microVM exited on its own");
+        if self.stop_requested.load(Ordering::Acquire) {
+            tracing::info!(sandbox = %self.id, qemu = %status, "microVM stopped by request");
+        } else {
+            tracing::error!(sandbox = %self.id, qemu = %status, "microVM exited on its own");
+        }
     }
 
     fn gone(&self) -> ContainerError {
@@ -163,6 +171,27 @@ impl Sandbox {
         self.tearing_down.store(true, Ordering::Release);
         let vm = self.vm.lock().await.take();
         release_vm(vm).await
+    }
+
+    /// Stops the VM from outside (`spinbox stop`): the shutdown ladder (each graceful step
+    /// given `grace`, else `timeouts.shutdown_grace`), or with `force` its last two steps,
+    /// while the shim lives on. The containers end with the VM (their exits
+    /// published as after any VM death) and the pod is cleaned up; containerd deletes the
+    /// tasks as usual.
+    pub async fn stop_vm(&self, force: bool, grace: Option<std::time::Duration>, why: &str) {
+        self.stop_requested.store(true, Ordering::Release);
+        let vm = self.vm.lock().await;
+        let Some(vm) = vm.as_ref() else {
+            tracing::info!(sandbox = %self.id, why, "stop asked of a VM already torn down");
+            return;
+        };
+        tracing::info!(sandbox = %self.id, force, why, "stopping the VM on request");
+        let report = match (force, grace) {
+            (true, _) => vm.force_shutdown(why).await,
+            (false, Some(grace)) => vm.shutdown_with_grace(grace).await,
+            (false, None) => vm.shutdown().await,
+        };
+        tracing::info!(sandbox = %self.id, graceful = report.graceful, duration_ms = report.duration_ms, "VM stopped on request");
     }
 
     /// Takes a VM whose guest stopped answering down without its help (QMP quit, then

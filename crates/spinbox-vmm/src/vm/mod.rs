@@ -216,8 +216,9 @@ pub struct Vm {
     _console: ConsoleSink,
 }
 
-/// Files a VM creates in its state directory (besides the records).
-const VM_FILES: [&str; 5] = [
+/// Files a VM creates in its state directory (besides `vm.json` and `shutdown.json`).
+const VM_FILES: [&str; 6] = [
+    state::CONFIG_RECORD_FILE,
     "qmp.sock",
     "vhost-vsock.sock",
     "vsock.sock",
@@ -540,6 +541,18 @@ impl Vm {
             })?;
         }
         partial.console_log = Some(console_log.clone());
+        // The configuration in force for this VM (as its runtime sized it), for operators.
+        let (record_dir, effective) = (dir.clone(), config.clone());
+        tokio::task::spawn_blocking(move || {
+            state::write_json(&record_dir, state::CONFIG_RECORD_FILE, &effective)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| VmError::StateDir {
+            path: dir.join(state::CONFIG_RECORD_FILE),
+            source,
+        })?;
         // The serial console: a socket pair, QEMU's end passed; ours copied into the log,
         // bounded by vm.console_log_max_kib.
         let (console_ours, console_qemu) =
@@ -978,12 +991,18 @@ impl Vm {
         self.qemu_exit.borrow().is_some()
     }
 
-    /// Releases the host side once the VM is down (shutting it down first if nobody did): stops
-    /// the vsock backend, removes the console log and the VM's files — the whole state
-    /// directory when the VM created it. Returns what could not be released.
+    /// Releases the host side once the VM is down (shutting it down first if nobody did): keeps
+    /// the shutdown record in the log directory ([`crate::history`]), stops the vsock
+    /// backend, removes the console log and the VM's files — the whole state directory when
+    /// the VM created it. Returns what could not be released.
     pub async fn release(self) -> Vec<String> {
-        self.shutdown().await;
+        let report = self.shutdown().await;
         let mut errors = Vec::new();
+        let kept = self.config.vm.shutdown_records_kept as usize;
+        if let Err(e) = crate::history::keep_async(&self.config.paths.log_dir, &report, kept).await
+        {
+            errors.push(e);
+        }
         // Side by side: each may take its SIGTERM grace.
         let mut stopping = tokio::task::JoinSet::new();
         for mut b in self.backend.into_iter().chain(self.fs_backends) {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use spinbox_agent_api::agent::PrepareShutdownRequest;
 
 use super::{exited, ms, Vm};
@@ -11,7 +11,7 @@ use crate::qmp::QmpError;
 use crate::state;
 
 /// One step of the shutdown ladder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ShutdownStep {
     /// QEMU had already exited when the shutdown began (VM death): nothing to climb.
@@ -24,7 +24,7 @@ pub enum ShutdownStep {
 }
 
 /// A timestamped event of a shutdown, in order.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ShutdownEvent {
     ShutdownInitiated {
@@ -47,8 +47,9 @@ pub enum ShutdownEvent {
 
 /// How a shutdown went: the events in order, and whether it needed force. Written as
 /// `shutdown.json` in the state directory at every event (so a crash mid-shutdown leaves how
-/// far it got), and logged one line per event.
-#[derive(Debug, Clone, Serialize)]
+/// far it got), and logged one line per event. Once the VM is released, kept as
+/// `<log_dir>/shutdown/<id>.<started_unix_ms>.json` ([`crate::history`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShutdownReport {
     pub vm_id: String,
     /// Wall-clock start, milliseconds since the Unix epoch; events' `at_ms` count from here.
@@ -82,7 +83,16 @@ impl Vm {
     /// report. Host resources stay until [`Vm::release`].
     pub async fn shutdown(&self) -> ShutdownReport {
         self.shutdown
-            .get_or_init(|| self.climb_ladder(None))
+            .get_or_init(|| self.climb_ladder(None, None))
+            .await
+            .clone()
+    }
+
+    /// [`Vm::shutdown`] with each graceful step given `grace` instead of
+    /// `timeouts.shutdown_grace` (an operator's `spinbox stop --timeout`).
+    pub async fn shutdown_with_grace(&self, grace: Duration) -> ShutdownReport {
+        self.shutdown
+            .get_or_init(|| self.climb_ladder(None, Some(grace)))
             .await
             .clone()
     }
@@ -92,7 +102,7 @@ impl Vm {
     /// steps. Like [`Vm::shutdown`], it runs once: a shutdown already climbing is waited for.
     pub async fn force_shutdown(&self, why: &str) -> ShutdownReport {
         self.shutdown
-            .get_or_init(|| self.climb_ladder(Some(why)))
+            .get_or_init(|| self.climb_ladder(Some(why), None))
             .await
             .clone()
     }
@@ -102,7 +112,7 @@ impl Vm {
         self.qemu_gone()
     }
 
-    async fn climb_ladder(&self, forced: Option<&str>) -> ShutdownReport {
+    async fn climb_ladder(&self, forced: Option<&str>, grace: Option<Duration>) -> ShutdownReport {
         let started = Instant::now();
         let qmp_wait = self.config.timeouts.qmp_command;
         let mut ladder = Ladder {
@@ -142,7 +152,7 @@ impl Vm {
             ladder
                 .escalate(ShutdownStep::AgentPrepare, why.to_owned(), started)
                 .await;
-        } else if let Some(step) = self.graceful_steps(&mut ladder).await {
+        } else if let Some(step) = self.graceful_steps(&mut ladder, grace).await {
             return ladder.complete(step).await;
         }
 
@@ -175,8 +185,12 @@ impl Vm {
 
     /// The ladder's graceful steps (agent prepare, ctrl-alt-del, ACPI); the step that
     /// powered the guest off, or `None` when it is still running after them.
-    async fn graceful_steps(&self, ladder: &mut Ladder<'_>) -> Option<ShutdownStep> {
-        let grace = self.config.timeouts.shutdown_grace;
+    async fn graceful_steps(
+        &self,
+        ladder: &mut Ladder<'_>,
+        grace: Option<Duration>,
+    ) -> Option<ShutdownStep> {
+        let grace = grace.unwrap_or(self.config.timeouts.shutdown_grace);
         ladder
             .push(ShutdownEvent::ShutdownInitiated {
                 at_ms: 0,
