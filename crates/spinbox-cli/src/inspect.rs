@@ -17,7 +17,7 @@ use spinbox_config::Config;
 use spinbox_vmm::{history, state, ShutdownEvent, ShutdownReport};
 
 use crate::ps::human_duration;
-use crate::vms::{read_json, VmView};
+use crate::vms::{dash, dash_list, read_json, VmView};
 
 const USAGE: &str = "usage: spinbox inspect [--json] ID";
 /// The pod's hot-plugged disks (written by the shim's `sandbox/disks.rs`).
@@ -194,7 +194,7 @@ impl Report {
                 ));
                 line(format!(
                     "  containers:      {}",
-                    join_or_dash(v.containers())
+                    dash_list(v.containers(), ", ")
                 ));
                 line(format!("  shim pid:        {}", dash(v.shim_pid())));
                 let mut qemu = dash(v.qemu_pid());
@@ -222,7 +222,7 @@ impl Report {
                 ));
                 line(format!(
                     "  addresses:       {}",
-                    join_or_dash(&v.addresses())
+                    dash_list(&v.addresses(), ", ")
                 ));
             }
             None => {
@@ -273,18 +273,6 @@ impl Report {
             }
         }
         out
-    }
-}
-
-fn dash<T: ToString>(v: Option<T>) -> String {
-    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
-}
-
-fn join_or_dash(items: &[String]) -> String {
-    if items.is_empty() {
-        "-".to_owned()
-    } else {
-        items.join(", ")
     }
 }
 

@@ -8,7 +8,7 @@
 use anyhow::{bail, Context, Result};
 use spinbox_config::Config;
 
-use crate::vms::{self, VmView};
+use crate::vms::{self, dash, dash_list, VmView};
 
 const USAGE: &str = "usage: spinbox ps [--json]";
 
@@ -57,18 +57,6 @@ const HEADER: [&str; 11] = [
     "CONTAINERS",
 ];
 
-fn or_dash<T: ToString>(v: Option<T>) -> String {
-    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
-}
-
-fn list_or_dash(items: &[String]) -> String {
-    if items.is_empty() {
-        "-".to_owned()
-    } else {
-        items.join(",")
-    }
-}
-
 /// `3d04h`, `2h05m`, `4m10s`, `12s`.
 pub fn human_duration(s: u64) -> String {
     let (d, h, m, sec) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
@@ -81,21 +69,21 @@ pub fn human_duration(s: u64) -> String {
 }
 
 fn row(v: &VmView) -> Vec<String> {
-    let mut containers = list_or_dash(v.containers());
+    let mut containers = dash_list(v.containers(), ",");
     if let Some(e) = &v.error {
         containers = format!("{containers}  ({e})");
     }
     vec![
         v.id.clone(),
-        or_dash(v.namespace()),
+        dash(v.namespace()),
         v.state.as_str().to_owned(),
-        or_dash(v.qemu_pid()),
-        or_dash(v.shim_pid()),
-        or_dash(v.uptime_s.map(human_duration)),
-        or_dash(v.shape().map(|s| s.vcpus)),
-        or_dash(v.memory_mib().map(|m| format!("{m}M"))),
-        or_dash(v.rss_kib.map(|k| format!("{:.1}M", k as f64 / 1024.0))),
-        list_or_dash(&v.addresses()),
+        dash(v.qemu_pid()),
+        dash(v.shim_pid()),
+        dash(v.uptime_s.map(human_duration)),
+        dash(v.shape().map(|s| s.vcpus)),
+        dash(v.memory_mib().map(|m| format!("{m}M"))),
+        dash(v.rss_kib.map(|k| format!("{:.1}M", k as f64 / 1024.0))),
+        dash_list(&v.addresses(), ","),
         containers,
     ]
 }

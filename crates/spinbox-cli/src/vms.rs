@@ -298,6 +298,20 @@ fn rss_kib(processes: &[ProcessRecord]) -> Option<u64> {
     total
 }
 
+/// A value for a table, `-` when there is none.
+pub(crate) fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// A list for a table joined by `sep`, `-` when empty.
+pub(crate) fn dash_list(items: &[String], sep: &str) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(sep)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
