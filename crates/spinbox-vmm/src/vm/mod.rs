@@ -841,6 +841,11 @@ impl Vm {
                 console: console::suffix(&console_log).await,
             });
         }
+        // Each attempt is bounded, 2 s at first, doubling: a CONNECT the vsock backend or the
+        // guest dropped under load (seen with 8 VMs booting at once on 2 cores: the agent
+        // ready, one CONNECT never answered) is retried instead of waited on until
+        // timeouts.vm_start runs out; a slow, loaded guest still gets long attempts.
+        let mut attempt_bound = Duration::from_secs(2);
         let (agent, health) = loop {
             let now = Instant::now();
             if now >= deadline {
@@ -851,9 +856,9 @@ impl Vm {
                     console: console::suffix(&console_log).await,
                 });
             }
-            // The agent listens by now, so a CONNECT is answered at once; an attempt may still
-            // take the whole remaining budget (a slow, loaded guest).
-            let attempt_limit = deadline - now;
+            // The agent listens by now, so a CONNECT is answered at once on an idle host.
+            let attempt_limit = (deadline - now).min(attempt_bound);
+            attempt_bound = attempt_bound.saturating_mul(2);
             let attempt = tokio::select! {
                 r = health_once(&transport, port, attempt_limit) => r,
                 _ = exited(qemu_exit.clone()) => {
