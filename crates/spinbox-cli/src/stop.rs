@@ -99,7 +99,7 @@ struct Line(Value);
 pub async fn main(config: &Config, args: &[String]) -> Result<i32> {
     let o = parse(args)?;
     let ids = if o.all {
-        running_ids(config)?
+        running_ids(config).await?
     } else {
         o.ids.clone()
     };
@@ -138,24 +138,18 @@ pub async fn main(config: &Config, args: &[String]) -> Result<i32> {
     Ok(code)
 }
 
-/// Every VM with a state directory.
-fn running_ids(config: &Config) -> Result<Vec<String>> {
-    let dir = &config.paths.state_dir;
-    let mut ids = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ids),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    for entry in entries {
-        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if state::validate_id(&name).is_ok() && entry.path().join(state::RECORD_FILE).is_file() {
-            ids.push(name);
-        }
-    }
-    ids.sort();
-    Ok(ids)
+/// Every VM with a state directory holding a record.
+async fn running_ids(config: &Config) -> Result<Vec<String>> {
+    let dir = config.paths.state_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        Ok(crate::gc::entries(&dir)?
+            .into_iter()
+            .filter(|(_, path)| path.join(state::RECORD_FILE).is_file())
+            .map(|(id, _)| id)
+            .collect())
+    })
+    .await
+    .context("listing the VMs")?
 }
 
 async fn stop_one(
