@@ -12,6 +12,7 @@
 # SPINBOX_CONTAINERD_BIN_DIR: a folder with the containerd, ctr and containerd-shim-runc-v2 to
 # use (another version, tests/fetch-containerd.sh); default: those on PATH. containerd 2.x
 # takes this version 2 config and migrates it (one warning in its log).
+# SPINBOX_CONTAINERD_LOG_LEVEL: containerd's log level (default info; debug raises the shims' too).
 set -euo pipefail
 cmd=${1:?start|stop}
 dir=${2:?directory}
@@ -74,7 +75,7 @@ $(cri_config)
 [ttrpc]
   address = "$dir/containerd.sock.ttrpc"
 [debug]
-  level = "info"
+  level = "${SPINBOX_CONTAINERD_LOG_LEVEL:-info}"
 TOML
   env_args=(PATH="$shim_dir:${bin_dir:+$bin_dir:}$PATH")
   [[ -n "$spinbox_config" ]] && env_args+=(SPINBOX_CONFIG="$spinbox_config")
@@ -110,7 +111,8 @@ stop)
     sleep 1
   fi
   # Snapshot mounts containerd may still hold under its root.
-  grep -F " $dir/" /proc/mounts | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" || true; done
+  # (awk, not grep: with pipefail, a grep that finds nothing would end the script here.)
+  awk -v d=" $dir/" 'index($0, d) {print $2}' /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done
   rm -rf "$dir"
   ;;
 *) echo "usage: $0 start DIR SHIM_DIR [SPINBOX_CONFIG] | stop DIR" >&2; exit 2 ;;

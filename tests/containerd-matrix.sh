@@ -9,6 +9,8 @@
 # renamed test) fails the run, naming it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=tests/smoke-lib.sh
+source tests/smoke-lib.sh
 
 # What each suite runs, one variable per suite (tests_<suite>): TESTFILE:NAME, where TESTFILE
 # is the test target (tests/<TESTFILE>.rs) and NAME the exact test name.
@@ -79,13 +81,9 @@ for suite in "${suites[@]}"; do
   version=$(cat "build/containerd/$suite/version")
   # What containerd --version and the server's Version say ("2.1.9+unknown").
   server=$("$bin/containerd" --version | awk '{print $3}')
-  targets=()
-  names=()
-  for e in "${entries[@]}"; do
-    t=${e%%:*}
-    names+=("${e#*:}")
-    [[ " ${targets[*]} " == *" --test $t "* ]] || targets+=(--test "$t")
-  done
+  smoke_split "${entries[@]}"
+  targets=("${smoke_targets[@]}")
+  names=("${smoke_names[@]}")
   log=$logs/$suite.log
   started=$SECONDS
   rc=0
@@ -96,11 +94,8 @@ for suite in "${suites[@]}"; do
   if ! grep -qF "tests/run.sh: containerd $server ($bin/ctr)" "$log"; then
     failed+=("$suite: tests/run.sh did not report containerd $server with $bin/ctr")
   fi
-  # --exact with a name that no longer exists runs nothing and passes: count what ran.
-  missing=()
-  for n in "${names[@]}"; do
-    grep -qE "^test $n \.\.\. ok$" "$log" || missing+=("$n")
-  done
+  smoke_check "$log" "${names[@]}"
+  missing=("${smoke_missing[@]}")
   passed=$((${#names[@]} - ${#missing[@]}))
   summary+=("$(printf '%-7s containerd %-22s %2d/%-2d passed  fetch %3ds  tests %3ds' \
     "$suite" "$version" "$passed" "${#names[@]}" "$fetch_s" "$took")")

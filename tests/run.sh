@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 [[ -n ${SPINBOX_CONTAINERD_BIN_DIR:-} ]] && export PATH="$SPINBOX_CONTAINERD_BIN_DIR:$PATH"
-guest=$PWD/build/guest
+# The guest: build/guest, or the one SPINBOX_GUEST_DIR names (tests/kernel-smoke.sh).
+guest=$(realpath -- "${SPINBOX_GUEST_DIR:-build/guest}")
 
 bench=false
 profile_dir=debug
