@@ -123,6 +123,25 @@ ctr --address "$address" images import "$root/busybox.tar" >/dev/null
 # CRI sees the k8s.io namespace only; there is no registry to pull the sandbox image from.
 ctr --address "$address" -n k8s.io images import "$root/busybox.tar" >/dev/null
 ctr --address "$address" -n k8s.io images import "$root/pause.tar" >/dev/null
+# The bench's peers (tests/src/bin/bench/peers.rs): gVisor's runsc as Debian trixie packages it
+# (bookworm's predates the systrap platform), and a Debian bookworm image with python3, both
+# cached across runs (build/runsc, ~/.cache/spinbox/images). Either missing (no network on a
+# first run): the bench leaves its rows out, saying so.
+if $bench; then
+  if runsc_dir=$(bash tests/fetch-runsc.sh trixie build/runsc/trixie); then
+    export SPINBOX_BENCH_RUNSC=$runsc_dir/runsc
+  else
+    echo "tests/run.sh: no runsc: the bench runs without gVisor" >&2
+  fi
+  debian_image=localhost/spinbox-bench/debian-python:bookworm
+  if bash tests/image/build-debian-image.sh "$root/debian-python.tar" "$debian_image" >&2; then
+    ctr --address "$address" images import "$root/debian-python.tar" >/dev/null
+    rm -f "$root/debian-python.tar"
+    export SPINBOX_BENCH_DEBIAN_IMAGE=$debian_image
+  else
+    echo "tests/run.sh: no Debian image: the bench runs without the python3 row" >&2
+  fi
+fi
 # Which containerd this run drives (tests/containerd-matrix.sh checks it is the one it chose).
 echo "tests/run.sh: containerd $(ctr --address "$address" version | awk '/^Server:/ {s = 1} s && /Version:/ {v = $2} END {print v}') ($(command -v ctr))" >&2
 

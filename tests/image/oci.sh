@@ -1,11 +1,16 @@
 # Packs a root filesystem into an OCI image archive for `ctr images import` (there is no
 # registry to pull from). Sourced by the build-*-image.sh scripts:
-#   oci_pack ROOTFS IMAGE_CONFIG_JSON NAME OUT.tar
+#   oci_pack ROOTFS IMAGE_CONFIG_JSON NAME OUT.tar [as-is]
 # IMAGE_CONFIG_JSON is the image config's "config" object (Entrypoint, Cmd, Env, User...).
+# The layer's files are root's with mtime 0 (the same archive from the same files), unless
+# `as-is`: then each keeps its numeric owner, group and mtime from ROOTFS (a Debian root
+# filesystem: /etc/shadow's group shadow, and Python's .pyc files, which are valid only while
+# their source keeps the mtime they record).
 
 oci_pack() {
   local root=$1 image_config=$2 name=$3 out=$4
-  local work
+  local work normalize=(--mtime=@0 --owner=0 --group=0)
+  [[ ${5:-} == as-is ]] && normalize=()
   work=$(mktemp -d)
   mkdir -p "$work/oci/blobs/sha256"
   blob() { # file -> prints digest, moves it into blobs
@@ -13,7 +18,7 @@ oci_pack() {
   }
   size() { stat -c %s "$work/oci/blobs/sha256/$1"; }
 
-  tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
+  tar --sort=name "${normalize[@]}" --numeric-owner -C "$root" -cf "$work/layer.tar" .
   local diff_id layer config manifest
   diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
   gzip -n -1 "$work/layer.tar"

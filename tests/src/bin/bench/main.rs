@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use spinbox_tests::ctr::{Ctr, IMAGE, RUNTIME};
 
 mod hotplug;
+mod peers;
 mod pod;
 
 const RUNC: &str = "io.containerd.runc.v2";
@@ -311,6 +312,23 @@ struct Row {
     target: String,
 }
 
+fn print_table(rows: &[Row], runs: usize, config: &spinbox_config::Config) {
+    println!();
+    println!(
+        "spinbox benchmark — {} rounds, accel {:?}, {} vCPU / {} MiB guest",
+        runs, config.vm.accel, config.vm.vcpus, config.vm.memory_mib
+    );
+    println!();
+    println!("| measurement | spinbox | runc | other | ratio | target |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.what, r.spinbox, r.runc, r.other, r.ratio, r.target
+        );
+    }
+}
+
 fn main() {
     let Some(ctr) = Ctr::from_env() else {
         eprintln!("bench: run through `make bench` (tests/run.sh --bench)");
@@ -323,6 +341,19 @@ fn main() {
     let parallel = env_num("BENCH_PARALLEL", 8) as usize;
     let scratch = tempfile::tempdir().expect("scratch dir");
     let mut rows = Vec::new();
+    // BENCH_ONLY=peers: only the rows beside gVisor and the python3 row (peers.rs).
+    match std::env::var("BENCH_ONLY").unwrap_or_default().as_str() {
+        "" => {}
+        "peers" => {
+            rows.extend(peers::rows(&ctr, &config, runs, scratch.path()));
+            print_table(&rows, runs, &config);
+            return;
+        }
+        other => {
+            eprintln!("bench: BENCH_ONLY={other}: unknown (peers, or unset for every row)");
+            std::process::exit(2);
+        }
+    }
 
     // Warm-up: the image's layer images, page cache, both runtimes' binaries.
     let _ = run_rm(&ctr, RUNTIME, "bench-warm-s", &["true"], Stdio::null());
@@ -641,22 +672,9 @@ fn main() {
     rows.push(room_to_grow_row(&config, scratch.path(), runs));
     rows.extend(hotplug::rows(&ctr, runs.min(5)));
     rows.extend(pod::rows(&ctr, &config, runs.min(3), scratch.path()));
+    rows.extend(peers::rows(&ctr, &config, runs, scratch.path()));
 
-    // The table.
-    println!();
-    println!(
-        "spinbox benchmark — {} rounds, accel {:?}, {} vCPU / {} MiB guest",
-        runs, config.vm.accel, config.vm.vcpus, config.vm.memory_mib
-    );
-    println!();
-    println!("| measurement | spinbox | runc | other | ratio | target |");
-    println!("|---|---|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {} |",
-            r.what, r.spinbox, r.runc, r.other, r.ratio, r.target
-        );
-    }
+    print_table(&rows, runs, &config);
 
     // Where the median cold start's time went.
     let log = ctr.containerd_dir.join("containerd.log");
