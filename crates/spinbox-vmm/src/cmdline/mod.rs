@@ -473,14 +473,25 @@ impl QemuCommandLine {
     }
 }
 
-/// Builds the guest kernel command line. The agent's port is passed so both sides agree;
-/// operator extras come last so they win (the agent takes the last occurrence of a key).
-pub fn guest_kernel_cmdline(agent_port: u32, extra: &[String]) -> String {
-    guest_kernel_cmdline_with(agent_port, spinbox_agent_api::DEFAULT_STDIO_PORT, extra)
+/// Builds the guest kernel command line for a VM run under `accel`. The agent's port is
+/// passed so both sides agree; operator extras come last so they win (the agent takes the
+/// last occurrence of a key).
+pub fn guest_kernel_cmdline(accel: AccelKind, agent_port: u32, extra: &[String]) -> String {
+    guest_kernel_cmdline_with(
+        accel,
+        agent_port,
+        spinbox_agent_api::DEFAULT_STDIO_PORT,
+        extra,
+    )
 }
 
 /// [`guest_kernel_cmdline`] with an explicit stdio port.
-pub fn guest_kernel_cmdline_with(agent_port: u32, stdio_port: u32, extra: &[String]) -> String {
+pub fn guest_kernel_cmdline_with(
+    accel: AccelKind,
+    agent_port: u32,
+    stdio_port: u32,
+    extra: &[String],
+) -> String {
     // Measured under TCG (docs/ARCHITECTURE.md): cryptomgr.notests skips the kernel's crypto
     // self-tests (~0.6 s), noreplace-smp (~0.4 s) and no_timer_check (~0.2 s) skip work a VM
     // does not need. panic=-1 with QEMU's -no-reboot turns a guest panic into QEMU exiting.
@@ -506,6 +517,14 @@ pub fn guest_kernel_cmdline_with(agent_port: u32, stdio_port: u32, extra: &[Stri
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if accel == AccelKind::Tcg {
+        // TCG's CPU has no TSC-deadline timer, so the kernel would calibrate the local APIC
+        // timer against the PIT for 100 ms of every boot (LAPIC_CAL_LOOPS); without it, the
+        // HPET drives the timers (broadcast). Measured: the boot floor 814 -> 685 ms (median
+        // of 20, docs/BENCHMARKS.md). Under KVM the host CPU's TSC-deadline timer needs no
+        // calibration.
+        args.push("noapictimer".to_owned());
+    }
     args.push(format!(
         "{}={}",
         spinbox_agent_api::CMDLINE_STDIO_PORT,

@@ -34,7 +34,7 @@ fn full(accel: AccelKind, vsock: Box<dyn QemuArg + Send + Sync>) -> Vec<String> 
         .push(KernelBoot {
             kernel: "/k/vmlinuz".into(),
             initrd: "/k/initrd.img".into(),
-            cmdline: guest_kernel_cmdline(1024, &[]),
+            cmdline: guest_kernel_cmdline(AccelKind::Tcg, 1024, &[]),
         })
         .push(Serial::Fd(11))
         .push(QmpFd { fd: 3 });
@@ -117,7 +117,11 @@ fn kernel_boot_and_cmdline() {
 
 #[test]
 fn extra_kernel_args_come_last() {
-    let c = guest_kernel_cmdline(1024, &["spinbox.agent_port=9".into(), "debug".into()]);
+    let c = guest_kernel_cmdline(
+        AccelKind::Tcg,
+        1024,
+        &["spinbox.agent_port=9".into(), "debug".into()],
+    );
     assert!(c.ends_with(" spinbox.agent_port=9 debug"), "{c}");
     let port = c.find("spinbox.agent_port=1024").expect("the agent port");
     assert!(port < c.find("spinbox.agent_port=9").unwrap_or(0));
@@ -125,7 +129,7 @@ fn extra_kernel_args_come_last() {
 
 #[test]
 fn the_host_name_travels_when_it_can() {
-    let c = guest_kernel_cmdline(1024, &[]);
+    let c = guest_kernel_cmdline(AccelKind::Tcg, 1024, &[]);
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
     let word = format!("spinbox.hostname={host}");
     assert_eq!(
@@ -289,4 +293,15 @@ fn firmware_is_optional_bios() {
         }),
         "-bios /usr/share/qemu/qboot.rom"
     );
+}
+
+#[test]
+fn only_a_tcg_guest_skips_the_apic_timer_calibration() {
+    let has = |accel| {
+        guest_kernel_cmdline(accel, 1024, &[])
+            .split(' ')
+            .any(|w| w == "noapictimer")
+    };
+    assert!(has(AccelKind::Tcg));
+    assert!(!has(AccelKind::Kvm));
 }

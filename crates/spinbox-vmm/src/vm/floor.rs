@@ -22,7 +22,7 @@ pub fn floor_command_line(config: &Config, host: &HostCaps, console_log: &Path) 
     let vsock_kind = resolve_vsock(config.vm.vsock, host);
     let mut extra = config.vm.kernel_args.clone();
     extra.push(FLOOR_KERNEL_ARG.to_owned());
-    let kernel_cmdline = cmdline::guest_kernel_cmdline(config.vm.agent_port, &extra);
+    let kernel_cmdline = cmdline::guest_kernel_cmdline(accel, config.vm.agent_port, &extra);
     base_command_line(
         config,
         accel,

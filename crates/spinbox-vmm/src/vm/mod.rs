@@ -643,7 +643,7 @@ impl Vm {
             vsock_kind,
             !options.shares.is_empty(),
             cmdline::Serial::Fd(CONSOLE_FD),
-            cmdline::guest_kernel_cmdline(config.vm.agent_port, &config.vm.kernel_args),
+            cmdline::guest_kernel_cmdline(accel, config.vm.agent_port, &config.vm.kernel_args),
         );
         cmd.push(cmdline::QmpFd { fd: QMP_FD });
         for i in 0..options.hotplug_ports {
