@@ -65,7 +65,7 @@ guest-other: agent
 	bash kernel/build-initrd.sh $(AGENT) $(GUEST_OTHER) $(GUEST_OTHER)/initrd.img
 
 # The benchmark table (docs/BENCHMARKS.md); BENCH_RUNS, BENCH_STDOUT_MIB, BENCH_PARALLEL tune it.
-bench: deps guest
+bench: deps guest guest-other
 	bash tests/run.sh --bench
 
 unit:

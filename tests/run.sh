@@ -128,6 +128,14 @@ ctr --address "$address" -n k8s.io images import "$root/pause.tar" >/dev/null
 # cached across runs (build/runsc, ~/.cache/spinbox/images). Either missing (no network on a
 # first run): the bench leaves its rows out, saying so.
 if $bench; then
+  # The other guest kernel, for its boot floor beside this one's (make guest-other).
+  for other in build/guest-debian build/guest-minimal; do
+    if [[ $(realpath -- "$other") != "$guest" && -f $other/kernel-release && -f $other/initrd.img ]]; then
+      SPINBOX_BENCH_OTHER_GUEST=$(realpath -- "$other")
+      export SPINBOX_BENCH_OTHER_GUEST
+      break
+    fi
+  done
   if runsc_dir=$(bash tests/fetch-runsc.sh trixie build/runsc/trixie); then
     export SPINBOX_BENCH_RUNSC=$runsc_dir/runsc
   else
