@@ -270,6 +270,10 @@ async fn inspect_shows_a_running_vms_records_and_a_gone_ones_kept_shutdown() {
         Some("shutdown_complete"),
         "{names:?}"
     );
+    // Its process had exited: the prepared guest was quit, not powered off, with no
+    // escalation (docs/LIFECYCLE.md, Vm::shutdown_idle).
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(shutdown["events"][1]["last_step"], "agent-prepare", "{j:#}");
     let history = j["shutdown_history"]
         .as_array()
         .cloned()

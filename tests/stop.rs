@@ -72,6 +72,9 @@ async fn stop_of_a_well_behaved_vm_is_initiated_then_complete_and_twice_the_same
         "{lines:#?}"
     );
     assert_eq!(events[1]["graceful"], true);
+    // Its `sleep` was running: the guest powered off (SIGTERM to its processes first), not
+    // quit as an idle one is.
+    assert_eq!(events[1]["last_step"], "ctrl-alt-del", "{lines:#?}");
     assert!(events[0]["at"].as_str().is_some_and(|a| a.ends_with('Z')));
     assert_eq!(code, 0, "exit code of a graceful stop");
     expect_stopped_and_remove(&ctr, id).await;

@@ -45,8 +45,8 @@ impl Acquired {
         let sandbox = self.sandbox;
         c.phase(Phase::Vm, async {
             match (&sandbox, vm) {
-                (Some(s), _) => s.release_vm().await,
-                (None, vm) => crate::sandbox::release_vm(vm).await,
+                (Some(s), _) => s.release_vm(false).await,
+                (None, vm) => crate::sandbox::release_vm(vm, false).await,
             }
         })
         .await;

@@ -538,6 +538,11 @@ impl Container {
         if self.owns_sandbox {
             self.sandbox.begin_teardown();
         }
+        // The owner's process has exited (its members left before it): once its container is
+        // removed in the guest, the VM runs nothing, and a prepared guest is quit rather than
+        // powered off. A shim shutting down with the process running powers the guest off,
+        // which gives its processes SIGTERM and a grace first.
+        let idle = self.status() != Status::Running;
         let vm_alive = self.sandbox.vm_alive();
         let mut c = Cleanup::new(&self.id);
         // The VM's resize controllers stop first (a member's share of the VM goes back with
@@ -609,7 +614,7 @@ impl Container {
         })
         .await;
         if self.owns_sandbox {
-            c.phase(Phase::Vm, self.sandbox.release_vm()).await;
+            c.phase(Phase::Vm, self.sandbox.release_vm(idle)).await;
             c.phase(Phase::Network, self.sandbox.release_network())
                 .await;
             let ok = c.ok_so_far();

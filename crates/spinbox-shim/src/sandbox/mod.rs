@@ -167,10 +167,10 @@ impl Sandbox {
     }
 
     /// The VM phase of the pod's teardown: the shutdown ladder, then the VM's host side.
-    pub async fn release_vm(&self) -> Vec<String> {
+    pub async fn release_vm(&self, idle: bool) -> Vec<String> {
         self.tearing_down.store(true, Ordering::Release);
         let vm = self.vm.lock().await.take();
-        release_vm(vm).await
+        release_vm(vm, idle).await
     }
 
     /// Stops the VM from outside (`spinbox stop`): the shutdown ladder (each graceful step
@@ -339,10 +339,16 @@ pub(crate) async fn release_network(
 }
 
 /// The VM phase: the shutdown ladder, then the VM's host side (backend, console log, files).
-pub(crate) async fn release_vm(vm: Option<Vm>) -> Vec<String> {
+/// `idle`: the guest runs no container process any more, so a prepared guest is quit rather
+/// than powered off ([`Vm::shutdown_idle`]).
+pub(crate) async fn release_vm(vm: Option<Vm>, idle: bool) -> Vec<String> {
     match vm {
         Some(vm) => {
-            let report = vm.shutdown().await;
+            let report = if idle {
+                vm.shutdown_idle().await
+            } else {
+                vm.shutdown().await
+            };
             tracing::info!(
                 vm = %report.vm_id,
                 graceful = report.graceful,
