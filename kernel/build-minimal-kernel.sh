@@ -6,9 +6,10 @@
 #
 # Installs linux-source and the build tools with apt-get (root) if they are missing. The
 # cache key is a hash of what decides the kernel: the linux-source package and its version,
-# the compiler's version line, kernel/microvm.config and this script. A key already in the
-# cache is copied out at once; otherwise the script unpacks the source (kept under the cache,
-# one tree per source version), configures allnoconfig + kernel/microvm.config (everything
+# the compiler's version line, kernel/microvm.config, kernel/patches/*.patch and this script.
+# A key already in the cache is copied out at once; otherwise the script unpacks the source
+# (kept under the cache, one tree per source version and set of patches), applies the
+# patches, configures allnoconfig + kernel/microvm.config (everything
 # off, then only what the guest uses turned on, as Kata and Firecracker build theirs), checks
 # that every option of the fragment is in the final .config, builds out of tree, stores the
 # result under the key and copies it to OUTDIR:
@@ -37,11 +38,17 @@ OUTDIR=$(realpath -m -- "$1")
 readonly OUTDIR
 FRAGMENT=$(realpath -- "$(dirname -- "${BASH_SOURCE[0]}")/microvm.config")
 readonly FRAGMENT
+# Applied in name order with `patch -p1` (kernel/patches/README.md says what each is for).
+PATCHES=()
+for p in "$(dirname -- "$FRAGMENT")"/patches/*.patch; do
+    [[ -e $p ]] && PATCHES+=("$(realpath -- "$p")")
+done
+readonly PATCHES
 readonly JOBS=${JOBS:-$(nproc)}
 
 readonly PACKAGES=(
     linux-source build-essential bc bison flex libelf-dev libssl-dev cpio kmod xz-utils
-    lz4 zstd
+    lz4 zstd patch
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -63,10 +70,11 @@ source_package=$(dpkg-query -S -- "$tarball" | cut -d: -f1)
 source_version=$(dpkg-query -W -f='${Version}' -- "$source_package")
 [[ -n $source_version ]] || die "no version for $source_package (owner of $tarball)"
 
+patches_hash=$(cat -- /dev/null "${PATCHES[@]}" | sha256sum | cut -c1-12)
 key=$({
     echo "$source_package $source_version"
     LC_ALL=C gcc --version | head -n 1
-    cat -- "$FRAGMENT" "${BASH_SOURCE[0]}"
+    cat -- "$FRAGMENT" "${PATCHES[@]}" "${BASH_SOURCE[0]}"
 } | sha256sum | cut -c1-16)
 readonly CACHE=${SPINBOX_KERNEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/spinbox/kernel}
 entry=$CACHE/$key
@@ -76,15 +84,22 @@ exec 9>"$CACHE/lock"
 flock 9
 
 build() {
-    local src=$CACHE/src/$srcname-$source_version obj=$CACHE/obj new=$CACHE/.new-$key
-    if [[ ! -f $src/Makefile ]]; then
-        # Trees of other source versions are of no more use.
+    local src=$CACHE/src/$srcname-$source_version-$patches_hash obj=$CACHE/obj
+    local new=$CACHE/.new-$key p
+    if [[ ! -f $src/.spinbox-patched ]]; then
+        # Trees of other source versions or patches are of no more use.
         rm -rf -- "$CACHE/src" "$obj"
         mkdir -p -- "$src"
         log "unpacking $tarball ($source_version)"
         tar -xf "$tarball" -C "$src" --strip-components=1
+        [[ -f $src/Makefile ]] || die "$tarball did not unpack to $src"
+        for p in "${PATCHES[@]}"; do
+            log "applying $(basename -- "$p")"
+            patch -d "$src" -p1 --forward --batch <"$p" || die "$p does not apply to $srcname $source_version"
+        done
+        # Its presence marks a tree unpacked and patched to the end.
+        : >"$src/.spinbox-patched"
     fi
-    [[ -f $src/Makefile ]] || die "$tarball did not unpack to $src"
     mkdir -p -- "$obj"
     local make_args=(-C "$src" O="$obj" ARCH=x86_64 -j"$JOBS")
 
