@@ -86,9 +86,24 @@ fn run_rm_with(
     cmd: &[&str],
     stdout: Stdio,
 ) -> (Duration, std::process::Output) {
-    let mut args = vec!["run", "--rm", "--runtime", runtime];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[IMAGE, id]);
+    let mut flags = vec!["--runtime", runtime];
+    flags.extend_from_slice(extra);
+    run_rm_image(ctr, &flags, IMAGE, id, cmd, stdout)
+}
+
+/// `ctr run --rm FLAGS… image id cmd…` to completion: the wall time and the output. Panics if
+/// the run failed.
+fn run_rm_image(
+    ctr: &Ctr,
+    flags: &[&str],
+    image: &str,
+    id: &str,
+    cmd: &[&str],
+    stdout: Stdio,
+) -> (Duration, std::process::Output) {
+    let mut args = vec!["run", "--rm"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[image, id]);
     args.extend_from_slice(cmd);
     let started = Instant::now();
     let out = ctr
@@ -102,7 +117,8 @@ fn run_rm_with(
     let took = started.elapsed();
     assert!(
         out.status.success(),
-        "{runtime} {id}: {}",
+        "{} {id}: {}",
+        flags.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
     (took, out)

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use spinbox_tests::ctr::{Ctr, IMAGE, RUNTIME};
 
@@ -108,26 +108,7 @@ fn run_rm(
     cmd: &[&str],
     stdout: Stdio,
 ) -> (Duration, std::process::Output) {
-    let mut args = vec!["run", "--rm"];
-    args.extend(runtimes.flags(peer));
-    args.extend_from_slice(&[image, id]);
-    args.extend_from_slice(cmd);
-    let started = Instant::now();
-    let out = ctr
-        .cmd()
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .output()
-        .expect("ctr run");
-    let took = started.elapsed();
-    assert!(
-        out.status.success(),
-        "{id}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (took, out)
+    super::run_rm_image(ctr, &runtimes.flags(peer), image, id, cmd, stdout)
 }
 
 /// The rows; `scratch` holds the runsc wrapper and the stdout files.
