@@ -123,10 +123,6 @@ ctr --address "$address" images import "$root/busybox.tar" >/dev/null
 # CRI sees the k8s.io namespace only; there is no registry to pull the sandbox image from.
 ctr --address "$address" -n k8s.io images import "$root/busybox.tar" >/dev/null
 ctr --address "$address" -n k8s.io images import "$root/pause.tar" >/dev/null
-# The bench's peers (tests/src/bin/bench/peers.rs): gVisor's runsc as Debian trixie packages it
-# (bookworm's predates the systrap platform), and a Debian bookworm image with python3, both
-# cached across runs (build/runsc, ~/.cache/spinbox/images). Either missing (no network on a
-# first run): the bench leaves its rows out, saying so.
 if $bench; then
   # The other guest kernel, for its boot floor beside this one's (make guest-other).
   for other in build/guest-debian build/guest-minimal; do
@@ -136,6 +132,10 @@ if $bench; then
       break
     fi
   done
+  # The bench's peers (tests/src/bin/bench/peers.rs): gVisor's runsc as Debian trixie
+  # packages it (bookworm's predates the systrap platform), and a Debian bookworm image with
+  # python3, both cached across runs (build/runsc, ~/.cache/spinbox/images). Either missing
+  # (no network on a first run): the bench leaves its rows out, saying so.
   if runsc_dir=$(bash tests/fetch-runsc.sh trixie build/runsc/trixie); then
     export SPINBOX_BENCH_RUNSC=$runsc_dir/runsc
   else
