@@ -134,7 +134,6 @@ impl Vm {
         idle: bool,
     ) -> ShutdownReport {
         let started = Instant::now();
-        let qmp_wait = self.config.timeouts.qmp_command;
         let mut ladder = Ladder {
             vm: self,
             started,
@@ -179,18 +178,9 @@ impl Vm {
         // 4. QMP quit: QEMU stops at once, the guest gets no say.
         ladder.report.graceful = false;
         let step_start = Instant::now();
-        let reason = match self.qmp.execute("quit", None).await {
-            Ok(_) | Err(QmpError::Disconnected { .. }) => {
-                if self.wait_qemu_exit(qmp_wait).await {
-                    return ladder.complete(ShutdownStep::QmpQuit).await;
-                }
-                format!("QEMU still running {qmp_wait:?} after quit (timeouts.qmp_command)")
-            }
-            Err(e) => format!("quit failed: {e}"),
-        };
-        if self.qemu_gone() {
+        let Some(reason) = self.quit("quit").await else {
             return ladder.complete(ShutdownStep::QmpQuit).await;
-        }
+        };
         ladder
             .escalate(ShutdownStep::QmpQuit, reason, step_start)
             .await;
@@ -201,6 +191,22 @@ impl Vm {
             tracing::error!(vm = %self.id, pid = self.qemu.pid, "QEMU survived SIGKILL for 5s");
         }
         ladder.complete(ShutdownStep::Sigkill).await
+    }
+
+    /// QMP `quit`, then up to `timeouts.qmp_command` for QEMU to exit: `None` once it is gone,
+    /// else why not (`what` names the quit in the reason).
+    async fn quit(&self, what: &str) -> Option<String> {
+        let qmp_wait = self.config.timeouts.qmp_command;
+        let reason = match self.qmp.execute("quit", None).await {
+            Ok(_) | Err(QmpError::Disconnected { .. }) => {
+                if self.wait_qemu_exit(qmp_wait).await {
+                    return None;
+                }
+                format!("QEMU still running {qmp_wait:?} after {what} (timeouts.qmp_command)")
+            }
+            Err(e) => format!("{what} failed: {e}"),
+        };
+        (!self.qemu_gone()).then_some(reason)
     }
 
     /// The ladder's graceful steps (agent prepare, ctrl-alt-del, ACPI); the step that
@@ -231,19 +237,9 @@ impl Vm {
         };
         match prepared {
             Ok(()) if idle && !self.qemu_gone() => {
-                let qmp_wait = self.config.timeouts.qmp_command;
-                let reason = match self.qmp.execute("quit", None).await {
-                    Ok(_) | Err(QmpError::Disconnected { .. }) => {
-                        if self.wait_qemu_exit(qmp_wait).await {
-                            return Some(ShutdownStep::AgentPrepare);
-                        }
-                        format!("QEMU still running {qmp_wait:?} after quit of a prepared, idle guest (timeouts.qmp_command)")
-                    }
-                    Err(e) => format!("quit of a prepared, idle guest failed: {e}"),
-                };
-                if self.qemu_gone() {
+                let Some(reason) = self.quit("quit of a prepared, idle guest").await else {
                     return Some(ShutdownStep::AgentPrepare);
-                }
+                };
                 ladder
                     .escalate(ShutdownStep::AgentPrepare, reason, step_start)
                     .await;
