@@ -268,32 +268,22 @@ fn stdout_row(ctr: &Ctr, runtimes: &Runtimes, runs: usize, scratch: &Path) -> Ro
     for i in 0..runs {
         for peer in runtimes.peers() {
             let tag = peer.tag();
-            let id = format!("bench-peers-out0-{tag}{i}");
-            let (took, _) = run_rm(
-                ctr,
-                runtimes,
-                peer,
-                IMAGE,
-                &id,
-                &["sh", "-c", empty],
+            // `sh -c script` under this peer: the wall time.
+            let sh = |id: &str, script: &str, out: Stdio| {
+                ms(run_rm(ctr, runtimes, peer, IMAGE, id, &["sh", "-c", script], out).0)
+            };
+            walls[peer as usize].1.push(sh(
+                &format!("bench-peers-out0-{tag}{i}"),
+                empty,
                 Stdio::null(),
-            );
-            walls[peer as usize].1.push(ms(took));
+            ));
             let path = scratch.join(format!("peers-out-{tag}{i}"));
             let file = std::fs::File::create(&path).expect("output file");
             let id = format!("bench-peers-out-{tag}{i}");
-            let (took, _) = run_rm(
-                ctr,
-                runtimes,
-                peer,
-                IMAGE,
-                &id,
-                &["sh", "-c", &producer],
-                Stdio::from(file),
-            );
+            let took = sh(&id, &producer, Stdio::from(file));
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             assert_eq!(size, mib * 1024 * 1024, "{id}: output size");
-            walls[peer as usize].0.push(ms(took));
+            walls[peer as usize].0.push(took);
             let _ = std::fs::remove_file(&path);
         }
     }
